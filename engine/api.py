@@ -1,0 +1,300 @@
+"""``ImageEngine``: the in-process engine (pool + memory manager + runner + step loop).
+
+Requests are admitted in arrival order when the memory manager can reserve their peak pages
+(exact reservation: a VAR request's needs are known up front, so an admitted request never
+runs out of memory and a waiting one never crashes the pool). Each ``step()`` advances a batch
+of running requests by one scale, whatever scale each is at (iteration-level batching), under
+``max_batch_tokens`` and ``max_running``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from memory.manager import KVPlan, MemoryManager, RequestTooLargeError, full_plan
+from memory.pool import KVPool
+
+from .models.registry import LoadedModel
+from .reference import image_to_uint8
+from .requests import GenerationRequest, GenerationResult, validate_request
+from .runner import ModelRunner, RequestState
+from .sampling import make_generator
+
+DEFAULT_CPU_POOL_BYTES = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    """Memory and throughput knobs. Every field is also a CLI flag (``--kv-pool-bytes`` ...)
+    and an environment override (``SCALEKV_KV_POOL_BYTES`` ...)."""
+
+    block_size: int = 16  # tokens per KV page
+    kv_pool_bytes: int | None = None  # pool size; default 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory for the pool
+    max_batch_tokens: int = 16384  # tokens (both CFG branches) advanced in one step
+    max_running: int = 64  # admitted requests at once
+    policy: str = "full"  # KV policy for requests that name none
+    kv_budget: float = 1.0  # fraction of the full cache for compressing policies
+    dtype: str = "bfloat16"  # compute dtype; the pool stores K/V in it
+    attention_backend: str = "auto"  # torch | xformers | auto
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
+        if self.kv_pool_bytes is not None and self.kv_pool_bytes <= 0:
+            raise ValueError(f"kv_pool_bytes: must be > 0, got {self.kv_pool_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens: must be >= 1, got {self.max_batch_tokens}")
+        if self.max_running < 1:
+            raise ValueError(f"max_running: must be >= 1, got {self.max_running}")
+        if not 0 < self.kv_budget <= 1:
+            raise ValueError(f"kv_budget: must be a fraction in (0, 1], got {self.kv_budget}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    @classmethod
+    def add_cli_args(cls, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--block-size", type=int, default=None, help="tokens per KV page (default 16)")
+        p.add_argument("--kv-pool-bytes", type=_parse_bytes, default=None,
+                       help="KV pool size, e.g. 512MiB (default 1GiB on CPU)")
+        p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="CUDA: fraction of free GPU memory for the pool (default 0.9)")
+        p.add_argument("--max-batch-tokens", type=int, default=None,
+                       help="tokens advanced per step, both CFG branches counted (default 16384)")
+        p.add_argument("--max-running", type=int, default=None, help="requests admitted at once (default 64)")
+        p.add_argument("--policy", default=None, help="KV policy (default full)")
+        p.add_argument("--kv-budget", type=float, default=None, help="kept fraction of the KV cache (default 1.0)")
+        p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "xformers"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """CLI flags override environment variables (SCALEKV_<FIELD>), which override defaults."""
+        values = {}
+        for f in fields(cls):
+            env = os.environ.get(f"SCALEKV_{f.name.upper()}")
+            if env is not None:
+                values[f.name] = _parse_bytes(env) if f.name == "kv_pool_bytes" else type(getattr(cls(), f.name))(env) \
+                    if getattr(cls(), f.name) is not None else env
+            v = getattr(args, f.name, None)
+            if v is not None:
+                values[f.name] = v
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parse_bytes(text: str | int) -> int:
+    """'512MiB', '2GB', '1e9' or a plain integer -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    try:
+        return int(float(s))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"kv_pool_bytes: cannot parse {text!r} (try 512MiB)") from None
+
+
+class ImageEngine:
+    """In-process engine: ``add_request`` / ``step`` / ``generate``."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config = config or EngineConfig()
+        spec = model.spec
+        device = next(model.var.parameters()).device
+        kv_dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        heads, head_dim = spec.var.num_heads, spec.var.head_dim
+        if device.type == "cuda" and config.kv_pool_bytes is None:
+            self.pool = KVPool.from_gpu_memory(config.gpu_memory_utilization, config.block_size, heads, head_dim,
+                                               kv_dtype, device)
+        else:
+            nbytes = config.kv_pool_bytes or DEFAULT_CPU_POOL_BYTES
+            self.pool = KVPool.from_bytes(nbytes, config.block_size, heads, head_dim, kv_dtype, device)
+        self.manager = MemoryManager(self.pool)
+        backend = config.attention_backend
+        self.runner = ModelRunner(model, self.pool, self.manager, config.dtype, backend)
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self._finished: list[GenerationResult] = []
+        self._seq_ids = itertools.count()
+        self._plans: dict[tuple[str, float], KVPlan] = {}
+        self.num_steps = 0
+        self.num_preemptions = 0  # exact reservation: stays 0, kept for telemetry parity
+
+    # ----- requests -----------------------------------------------------------------------
+    def plan_for(self, policy: str, kv_budget: float) -> KVPlan:
+        key = (policy, kv_budget)
+        if key not in self._plans:
+            if policy != "full":
+                raise ValueError(f"policy: unknown policy {policy!r} (available: full)")
+            self._plans[key] = full_plan(self.model.spec.var)
+        return self._plans[key]
+
+    def add_request(self, request: GenerationRequest) -> bool:
+        """Queue a request. Bad input or a request that could never fit the pool is answered at
+        once with an error result (see ``step``); returns False in that case."""
+        spec = self.model.spec
+        try:
+            validate_request(request, spec.var.num_classes)
+            req = request.resolved(spec.default_cfg, spec.default_top_k, spec.default_top_p)
+            plan = self.plan_for(req.policy or self.config.policy,
+                                 self.config.kv_budget if req.kv_budget is None else req.kv_budget)
+            self.manager.check_fits_pool(plan)
+        except (ValueError, RequestTooLargeError) as e:
+            self._finished.append(GenerationResult(request.request_id, request.class_label, request.seed,
+                                                   error=str(e)))
+            return False
+        device = self.runner.device
+        full = spec.vae.patch_nums[-1]
+        state = RequestState(
+            request=req,
+            seqs=(next(self._seq_ids), next(self._seq_ids)),
+            plan=plan,
+            generator=make_generator(req.seed),
+            f_hat=torch.zeros(1, spec.vae.z_channels, full, full, device=device),
+            t_arrival=time.perf_counter(),
+        )
+        self.waiting.append(state)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._finished)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ----- the loop -------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_running:
+            st = self.waiting[0]
+            if not self.manager.try_reserve(st.request.request_id or str(st.seqs), st.seqs, st.plan):
+                break  # FIFO: wait for pages rather than starve the head of the queue
+            self.waiting.popleft()
+            st.t_admitted = time.perf_counter()
+            self.running.append(st)
+
+    def _schedule(self) -> list[RequestState]:
+        batch, tokens = [], 0
+        lengths = self.model.spec.var.scale_lengths()
+        for st in self.running:
+            need = 2 * lengths[st.scale]
+            if batch and tokens + need > self.config.max_batch_tokens:
+                continue
+            batch.append(st)
+            tokens += need
+        return batch
+
+    def _key(self, st: RequestState) -> str:
+        return st.request.request_id or str(st.seqs)
+
+    def step(self) -> list[GenerationResult]:
+        """Admit what fits, run one scale for a batch of running requests, and return the
+        results that finished (including error results of rejected requests)."""
+        self._admit()
+        batch = self._schedule()
+        if batch:
+            try:
+                self.runner.step(batch)
+            except Exception as e:  # the step broke: fail its requests, keep the engine serving
+                for st in batch:
+                    self.running.remove(st)
+                    self.manager.release(self._key(st))
+                    self._finished.append(GenerationResult(
+                        st.request.request_id, st.request.class_label, st.request.seed,
+                        error=f"engine step failed: {type(e).__name__}: {e}"))
+            else:
+                self.num_steps += 1
+                now = time.perf_counter()
+                done = []
+                for st in batch:
+                    if st.t_first_scale is None:
+                        st.t_first_scale = now
+                    self.manager.note_tokens_peak(self._key(st))
+                    if st.scale == self.model.spec.var.num_scales:
+                        done.append(st)
+                if done:
+                    self._finish(done)
+        out, self._finished = self._finished, []
+        return out
+
+    def _finish(self, done: list[RequestState]) -> None:
+        images = image_to_uint8(self.runner.decode(done))
+        now = time.perf_counter()
+        spec = self.model.spec
+        for i, st in enumerate(done):
+            self.running.remove(st)
+            acct = self.manager.release(self._key(st))
+            scratch = 2 * spec.var.scale_lengths()[-1] * 2 * spec.var.width * self.pool.kv.element_size()
+            req = st.request
+            self._finished.append(GenerationResult(
+                request_id=req.request_id,
+                class_label=req.class_label,
+                seed=req.seed,
+                tokens=torch.cat(st.tokens).tolist(),
+                image=images[i].numpy(),
+                kv_peak_bytes=acct.get("kv_peak_bytes", 0) + scratch,
+                seconds=now - st.t_arrival,
+                stats={
+                    "queue_seconds": round(st.t_admitted - st.t_arrival, 6),
+                    "first_scale_seconds": round(st.t_first_scale - st.t_arrival, 6),
+                    "pages_reserved": acct.get("pages_reserved", 0),
+                    "pages_peak": acct.get("pages_peak", 0),
+                    "tokens_peak": acct.get("tokens_peak", 0),
+                    "policy": st.plan.name,
+                },
+            ))
+
+    def abort_all(self, reason: str = "aborted") -> list[GenerationResult]:
+        """Fail every queued and running request and return all their pages."""
+        out = []
+        for st in list(self.waiting) + list(self.running):
+            self.manager.release(self._key(st))
+            out.append(GenerationResult(st.request.request_id, st.request.class_label, st.request.seed,
+                                        error=reason))
+        self.waiting.clear()
+        self.running.clear()
+        return out
+
+    def generate_stream(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+        for r in requests:
+            self.add_request(r)
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
+        """All results, in the order the requests were given."""
+        requests = list(requests)
+        by_id = {}
+        for r in self.generate_stream(requests):
+            by_id.setdefault(r.request_id, []).append(r)
+        return [by_id[r.request_id].pop(0) for r in requests]
+
+    def stats(self) -> dict:
+        return {
+            **self.manager.stats(),
+            "num_requests_running": len(self.running),
+            "num_requests_waiting": len(self.waiting),
+            "num_steps": self.num_steps,
+            "num_preemptions": self.num_preemptions,
+        }

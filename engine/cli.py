@@ -1,0 +1,199 @@
+"""The ``scalekv`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from engine.models.registry import DEFAULT_MODEL, MODELS
+
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="named model config")
+    p.add_argument("--checkpoint", default=None,
+                   help="transformer weights (.safetensors or official .pth), or a directory holding "
+                        "transformer.safetensors + tokenizer.safetensors; default: the shipped weights")
+    p.add_argument("--tokenizer", default=None, help="tokenizer weights (with a transformer --checkpoint file)")
+    p.add_argument("--random-init", action="store_true",
+                   help="allow random weights when no checkpoint is given (tests, benchmarks of shapes)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def build_requests(classes: list[int], num: int, seed: int, cfg, top_k, top_p):
+    """``num`` images per class label; image i of a class uses seed S + i."""
+    from engine.requests import GenerationRequest
+
+    return [
+        GenerationRequest(class_label=c, seed=seed + i, cfg=cfg, top_k=top_k, top_p=top_p,
+                          request_id=f"c{c}-s{seed + i}")
+        for c in classes
+        for i in range(num)
+    ]
+
+
+def write_results(results, out: Path, echo_json: bool) -> int:
+    """PNG per image + ``results.jsonl``; returns the number of failed requests."""
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with (out / "results.jsonl").open("a") as f:
+        for r in results:
+            rec = r.summary()
+            if r.ok:
+                name = f"{r.request_id}.png"
+                (out / name).write_bytes(r.png_bytes())
+                rec["png"] = name
+            else:
+                failed += 1
+            f.write(json.dumps(rec) + "\n")
+            if echo_json:
+                print(json.dumps(rec), flush=True)
+    return failed
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.models.registry import build_model
+    from engine.reference import generate_reference
+    from engine.requests import validate_request
+
+    _set_threads(args.threads)
+    model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
+    spec = model.spec
+    requests = build_requests(args.class_labels, args.num, args.seed, args.cfg, args.top_k, args.top_p)
+    for r in requests:
+        validate_request(r, spec.var.num_classes)
+    requests = [r.resolved(spec.default_cfg, spec.default_top_k, spec.default_top_p) for r in requests]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").write_text("")
+    t0 = time.perf_counter()
+    failed = 0
+    bar = tqdm(total=len(requests), desc="generate", unit="img", disable=args.json or not sys.stderr.isatty())
+    if args.reference:
+        for i in range(0, len(requests), args.batch_size):
+            chunk = requests[i : i + args.batch_size]
+            failed += write_results(generate_reference(model, chunk, dtype=args.dtype), out, args.json)
+            bar.update(len(chunk))
+    else:
+        from engine.api import EngineConfig, ImageEngine
+
+        engine = ImageEngine(model, EngineConfig.from_args(args))
+        for result in engine.generate_stream(requests):
+            failed += write_results([result], out, args.json)
+            bar.update(1)
+    bar.close()
+    dt = time.perf_counter() - t0
+    if not args.json:
+        print(f"{len(requests) - failed} image(s) in {dt:.2f}s ({len(requests) / dt:.2f} img/s) -> {out}/",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    if args.what == "tokenizer":
+        from engine.training.tokenizer import (
+            TokenizerTrainConfig,
+            evaluate_tokenizer,
+            export_tokenizer,
+            train_tokenizer,
+        )
+
+        cfg = TokenizerTrainConfig(model=args.model, steps=args.steps or 2000, batch_size=args.batch_size or 16,
+                                   lr=args.lr or 1e-3, bf16=not args.fp32, device=args.device)
+        vae = train_tokenizer(cfg, args.run_dir)
+        export_tokenizer(vae, str(Path(args.run_dir) / "tokenizer.safetensors"))
+        print(json.dumps(evaluate_tokenizer(vae, 1000)))
+    elif args.what == "transformer":
+        from engine.training.transformer import TransformerTrainConfig, export_transformer, train_transformer
+
+        cfg = TransformerTrainConfig(model=args.model, steps=args.steps or 5000, batch_size=args.batch_size or 32,
+                                     lr=args.lr or 6e-4, bf16=not args.fp32, device=args.device,
+                                     tokenizer=args.tokenizer_weights or TransformerTrainConfig.tokenizer)
+        var = train_transformer(cfg, args.run_dir)
+        export_transformer(var, str(Path(args.run_dir) / "transformer.safetensors"))
+    else:
+        from engine.models.classifier import train_classifier
+
+        train_classifier(steps=args.steps or 2000, batch_size=args.batch_size or 64, lr=args.lr or 2e-3, seed=0,
+                         out_path=str(Path(args.run_dir) / "classifier.safetensors"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalekv", description="Serve next-scale VAR image models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images locally (in-process engine)")
+    _add_model_args(g)
+    g.add_argument("--class", dest="class_labels", type=int, action="append", default=None,
+                   help="class label (repeatable); default: class 0")
+    g.add_argument("--num", type=int, default=1, help="images per class label (image i uses seed S+i)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k filter, 0 disables (default: the model's)")
+    g.add_argument("--top-p", type=float, default=None, help="top-p filter, 0 disables (default: the model's)")
+    g.add_argument("--out", default="out", help="output directory for PNGs and results.jsonl")
+    g.add_argument("--json", action="store_true", help="print one JSON record per image on stdout")
+    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="compute dtype (bf16 autocast is much faster on CPUs with AVX512-BF16/AMX)")
+    g.add_argument("--reference", action="store_true", help="use the naive reference loop instead of the engine")
+    g.add_argument("--batch-size", type=int, default=16, help="requests per batch of the reference loop")
+    _add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train the tokenizer, the transformer or the eval classifier")
+    t.add_argument("what", choices=["tokenizer", "transformer", "classifier"])
+    t.add_argument("--model", default="var-tiny")
+    t.add_argument("--run-dir", required=True, help="folder for resumable checkpoints and logs")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
+    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    t.add_argument("--tokenizer-weights", default=None, help="(transformer) the trained tokenizer")
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine knobs; kept in one place so generate, cluster and bench agree."""
+    from engine.api import EngineConfig
+
+    EngineConfig.add_cli_args(p)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "class_labels", "unset") is None:
+        args.class_labels = [0]
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"scalekv: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

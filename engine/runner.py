@@ -1,0 +1,175 @@
+"""``ModelRunner``: one scale step for a batch of requests that may be at different scales.
+
+All tokens of all sequences in the step are packed into one row ``[1, T, C]``, so every linear
+layer (qkv, projections, MLP) runs once over the whole batch. Attention runs per group of
+sequences at the same scale, through the block-paged pool: queries are the group's current
+tokens, keys/values its pages (the layer's kept history) plus the current tokens. Right after a
+layer's attention, the tokens that layer keeps are written to its pages (the write-back hook;
+with ``full``, all current tokens are appended) and the current K/V, which lived only in this
+step's scratch, are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from memory.attention import paged_attention, write_kv
+from memory.manager import KVPlan, MemoryManager
+from memory.pool import KVPool
+
+from .models.registry import LoadedModel
+from .requests import GenerationRequest
+from .sampling import sample_scale
+
+
+@dataclass
+class RequestState:
+    """What the engine tracks for one running request (two sequences with CFG)."""
+
+    request: GenerationRequest
+    seqs: tuple[int, int]  # (conditional, unconditional) sequence ids
+    plan: KVPlan
+    generator: torch.Generator
+    f_hat: torch.Tensor  # accumulated feature map [1, Cvae, H, W]
+    scale: int = 0  # next scale to run
+    next_input: torch.Tensor | None = None  # [1, p^2, Cvae] for scale > 0
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    t_arrival: float = 0.0
+    t_admitted: float = 0.0
+    t_first_scale: float | None = None
+    policy: object | None = None  # compression policy (None: keep everything the plan allows)
+
+
+@dataclass
+class _Group:
+    """Sequences at one scale, laid out [cond of each request ..., uncond of each request ...]."""
+
+    scale: int
+    states: list[RequestState]
+    seqs: list[int]
+    start: int  # first packed token
+    length: int  # tokens per sequence (p^2)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.seqs) * self.length
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, pool: KVPool, manager: MemoryManager, dtype: str = "float32",
+                 attention_backend: str = "torch") -> None:
+        self.model = model
+        self.var, self.vae = model.var, model.vae
+        self.cfg = model.spec.var
+        self.pool, self.manager = pool, manager
+        self.dtype = dtype
+        self.backend = attention_backend
+        self.device = next(self.var.parameters()).device
+        self.softmax_scales = [b.attn.scale for b in self.var.blocks]
+        self._groups: list[_Group] = []
+
+    def _autocast(self):
+        dev = self.device.type
+        if self.dtype == "bfloat16":
+            return torch.autocast(device_type=dev, dtype=torch.bfloat16)
+        return torch.autocast(device_type=dev, enabled=False)
+
+    # ----- attention through the pool ------------------------------------------------------
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        h, d = q.shape[1], q.shape[3]
+        for g in self._groups:
+            n, lq = len(g.seqs), g.length
+
+            def part(t: torch.Tensor, g: _Group = g, n: int = n, lq: int = lq) -> torch.Tensor:
+                return t[0, :, g.start : g.start + g.num_tokens].reshape(h, n, lq, d).transpose(0, 1)
+
+            qg, kg, vg = part(q), part(k), part(v)
+            table, hist = self.manager.table.block_table_tensor(g.seqs, layer, device=self.pool.device)
+            out = paged_attention(qg, kg, vg, self.pool, table, hist, self.softmax_scales[layer], self.backend)
+            self._write_back(layer, g, kg, vg, hist.tolist())
+            outs.append(out.transpose(0, 1).reshape(h, g.num_tokens, d))
+        return torch.cat(outs, dim=1).unsqueeze(0)
+
+    def _write_back(self, layer: int, g: _Group, k: torch.Tensor, v: torch.Tensor, hist: list[int]) -> None:
+        """Keep this layer's tokens for later scales. With a plan that keeps history + current
+        (``full``) the current tokens are appended; otherwise the state's policy chooses."""
+        si = g.scale
+        for i, seq in enumerate(g.seqs):
+            state = g.states[i % len(g.states)]
+            keep = state.plan.kept[si][layer]
+            if keep == 0:
+                self.manager.set_tokens(seq, layer, 0)
+                continue
+            if keep == hist[i] + g.length:
+                pages = self.manager.ensure_capacity(seq, layer, keep)
+                write_kv(self.pool, pages, k[i].transpose(0, 1), v[i].transpose(0, 1), start=hist[i])
+                self.manager.set_tokens(seq, layer, keep)
+            else:
+                raise ValueError(
+                    f"plan {state.plan.name!r} keeps {keep} tokens at scale {si} layer {layer} but no "
+                    "compression policy is attached to choose them"
+                )
+
+    # ----- one step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, states: list[RequestState]) -> list[torch.Tensor]:
+        """Run the next scale of every request in ``states``; returns each request's sampled
+        tokens [p^2] and advances its state (scale, f_hat, next input)."""
+        var, cfg = self.var, self.cfg
+        by_scale: dict[int, list[RequestState]] = {}
+        for st in states:
+            by_scale.setdefault(st.scale, []).append(st)
+        self._groups, xs, conds, start = [], [], [], 0
+        with self._autocast():
+            for si in sorted(by_scale):
+                sts = by_scale[si]
+                n = len(sts)
+                labels = torch.tensor([s.request.class_label for s in sts] + [cfg.num_classes] * n,
+                                      device=self.device)
+                cond = var.condition(labels)
+                nxt = None
+                if si > 0:
+                    nxt = torch.cat([s.next_input for s in sts])
+                    nxt = torch.cat((nxt, nxt))
+                x = var.embed_scale(si, cond, nxt)
+                seqs = [s.seqs[0] for s in sts] + [s.seqs[1] for s in sts]
+                g = _Group(scale=si, states=sts, seqs=seqs, start=start, length=x.shape[1])
+                self._groups.append(g)
+                start += g.num_tokens
+                xs.append(x.reshape(-1, x.shape[-1]))
+                conds.append(cond)
+            x = torch.cat(xs).unsqueeze(0)
+            cond_all = torch.cat(conds)
+            per_seq = torch.tensor([g.length for g in self._groups for _ in g.seqs], device=self.device)
+            tok2seq = torch.repeat_interleave(torch.arange(len(per_seq), device=self.device), per_seq)
+            for block in var.blocks:
+                mods = block.ada_lin(cond_all).view(-1, 6, cfg.width)[tok2seq].unsqueeze(0)
+                x = block.forward_modulated(x, mods, None, self._attend)
+            results: dict[int, torch.Tensor] = {}
+            seq_off = 0
+            for g in self._groups:
+                n2 = len(g.seqs)
+                xg = x[0, g.start : g.start + g.num_tokens].reshape(n2, g.length, -1)
+                logits = var.logits(xg, cond_all[seq_off : seq_off + n2])
+                seq_off += n2
+                n = len(g.states)
+                reqs = [s.request for s in g.states]
+                gens = [s.generator for s in g.states]
+                idx = sample_scale(logits[:n], logits[n:], reqs, gens, g.scale, cfg.num_scales).to(self.device)
+                f_hat, nxt = self.vae.quantize.advance(torch.cat([s.f_hat for s in g.states]), g.scale, idx)
+                for i, st in enumerate(g.states):
+                    st.f_hat = f_hat[i : i + 1]
+                    st.next_input = None if nxt is None else nxt[i : i + 1]
+                    st.tokens.append(idx[i].cpu())
+                    st.scale += 1
+                    results[id(st)] = idx[i]
+        self._groups = []
+        return [results[id(st)] for st in states]
+
+    @torch.no_grad()
+    def decode(self, states: list[RequestState]) -> torch.Tensor:
+        """Finished requests -> images [B, 3, H, W] in [-1, 1] (one batched decoder pass)."""
+        return self.vae.fhat_to_img(torch.cat([s.f_hat for s in states]))

@@ -1,0 +1,73 @@
+"""Requests, classifier-free guidance and seeded top-k/top-p sampling.
+
+Sampling is per request: each request owns a ``torch.Generator`` seeded with its seed and draws
+exactly one uniform vector per scale, so its tokens depend only on its own logits and seed,
+never on which other requests share its batch or step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .requests import GenerationRequest
+
+
+def guidance_weight(cfg: float, scale_index: int, num_scales: int) -> float:
+    """VAR's linear ramp: t = cfg * k / (K - 1), from no guidance at the first scale."""
+    return cfg * scale_index / max(num_scales - 1, 1)
+
+
+def guide(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, t: float) -> torch.Tensor:
+    """(1 + t) * cond - t * uncond."""
+    return (1 + t) * logits_cond - t * logits_uncond
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p (nucleus) filtering of ``logits`` [N, V]; removed entries become -inf.
+
+    top-p removes the tokens whose ascending cumulative probability is <= 1 - p, always keeping
+    the most likely token. ``top_k`` 0 and ``top_p`` 0 (or >= 1) disable each filter.
+    """
+    logits = logits.float()
+    v = logits.shape[-1]
+    if 0 < top_k < v:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= 1 - top_p
+        remove_sorted[..., -1] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Inverse-CDF sampling of one token per row of ``logits`` [N, V] with one uniform per row."""
+    probs = logits.float().softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator, device="cpu").to(cdf.device) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u).clamp_max(logits.shape[-1] - 1)
+    return idx.squeeze(-1)
+
+
+def sample_scale(
+    logits_cond: torch.Tensor,
+    logits_uncond: torch.Tensor,
+    requests: list[GenerationRequest],
+    generators: list[torch.Generator],
+    scale_index: int,
+    num_scales: int,
+) -> torch.Tensor:
+    """Guided sampling of one scale for a batch of requests: logits [B, p^2, V] -> tokens [B, p^2]."""
+    out = []
+    for b, req in enumerate(requests):
+        t = guidance_weight(float(req.cfg), scale_index, num_scales)
+        row = filter_logits(guide(logits_cond[b], logits_uncond[b], t), int(req.top_k), float(req.top_p))
+        out.append(sample_from_logits(row, generators[b]))
+    return torch.stack(out)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
