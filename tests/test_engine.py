@@ -1,0 +1,114 @@
+"""Paged engine: exact equality with the reference loop, admission under a small pool, pages returned."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.api import EngineConfig, ImageEngine
+from engine.reference import generate_reference
+from engine.requests import GenerationRequest
+
+
+def _reqs(n: int, seed0: int = 40) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(class_label=(3 * i) % 10, seed=seed0 + i, cfg=1.0 + 0.5 * (i % 3), top_k=8 + i, top_p=0.9,
+                          request_id=f"q{i}")
+        for i in range(n)
+    ]
+
+
+def _engine(model, **kw) -> ImageEngine:
+    return ImageEngine(model, EngineConfig(**{"dtype": "float32", "block_size": 4, **kw}))
+
+
+def test_engine_matches_reference_with_staggered_arrivals_and_a_small_pool(micro_model):
+    reqs = _reqs(7)
+    ref = {r.request_id: r.tokens for r in generate_reference(micro_model, reqs)}
+    eng = _engine(micro_model)
+    per_request = eng.manager.request_pages(eng.plan_for("full", 1.0))
+    # A pool for 2.5 requests: the rest must wait for pages.
+    eng = _engine(micro_model, kv_pool_bytes=int(2.5 * per_request * eng.pool.page_bytes))
+    out, waited, mixed_steps = [], False, False
+    pending = list(reqs)
+    step = 0
+    while pending or eng.has_unfinished():
+        if pending and step % 2 == 0:  # a new arrival every other step
+            eng.add_request(pending.pop(0))
+            eng.add_request(pending.pop(0)) if pending and step == 4 else None
+        waited |= eng.num_waiting > 0
+        mixed_steps |= len({st.scale for st in eng.running}) > 1
+        assert eng.pool.num_used <= eng.pool.num_pages
+        out += eng.step()
+        step += 1
+    assert waited and mixed_steps
+    got = {r.request_id: r.tokens for r in out}
+    assert all(r.ok for r in out)
+    assert got == ref
+    assert eng.pool.num_free == eng.pool.num_pages
+    assert eng.manager.available_pages() == eng.pool.num_pages
+
+
+def test_max_batch_tokens_and_max_running_are_respected(micro_model):
+    eng = _engine(micro_model, max_batch_tokens=40, max_running=3)
+    for r in _reqs(5):
+        eng.add_request(r)
+    results = []
+    while eng.has_unfinished():
+        assert eng.num_running <= 3
+        results += eng.step()
+    assert len(results) == 5 and all(r.ok for r in results)
+    assert eng.pool.num_free == eng.pool.num_pages
+
+
+def test_request_larger_than_the_pool_is_rejected_not_queued(micro_model):
+    eng = _engine(micro_model, kv_pool_bytes=4 * 4 * 32 * 2 * 4 * 5)  # 5 pages
+    assert eng.add_request(_reqs(1)[0]) is False
+    (res,) = eng.step()
+    assert not res.ok and "whole pool" in res.error and "kv_pool_bytes" in res.error
+    assert not eng.has_unfinished()
+
+
+def test_bad_requests_get_errors_and_others_carry_on(micro_model):
+    eng = _engine(micro_model)
+    bad = [GenerationRequest(class_label=99, request_id="bad-class"),
+           GenerationRequest(class_label=1, cfg=float("nan"), request_id="bad-cfg"),
+           GenerationRequest(class_label=1, policy="nope", request_id="bad-policy")]
+    good = _reqs(2)
+    results = eng.generate(bad + good)
+    errors = {r.request_id: r.error for r in results if not r.ok}
+    assert set(errors) == {"bad-class", "bad-cfg", "bad-policy"}
+    assert "class_label" in errors["bad-class"] and "cfg" in errors["bad-cfg"] and "policy" in errors["bad-policy"]
+    assert [r.ok for r in results[3:]] == [True, True]
+    assert eng.pool.num_free == eng.pool.num_pages
+
+
+def test_pages_come_back_when_a_step_raises(micro_model, monkeypatch):
+    eng = _engine(micro_model)
+    for r in _reqs(3):
+        eng.add_request(r)
+    eng.step()
+    eng.step()
+    assert eng.pool.num_used > 0
+    calls = {"n": 0}
+    real = eng.runner._write_back
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second layer of this step
+            raise RuntimeError("injected failure mid-step")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eng.runner, "_write_back", flaky)
+    failed = eng.step()
+    assert len(failed) == 3 and all("injected failure" in r.error for r in failed)
+    assert eng.pool.num_free == eng.pool.num_pages
+    monkeypatch.setattr(eng.runner, "_write_back", real)
+    ok = eng.generate(_reqs(2, seed0=7))  # the engine keeps serving
+    assert all(r.ok for r in ok) and eng.pool.num_free == eng.pool.num_pages
+
+
+def test_engine_config_validates_fields():
+    with pytest.raises(ValueError, match="kv_budget"):
+        EngineConfig(kv_budget=0)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        EngineConfig(max_batch_tokens=0)

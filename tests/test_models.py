@@ -1,0 +1,149 @@
+"""Model layout (official checkpoint keys/shapes) and the exactness properties the engine relies on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.models.registry import get_spec
+from engine.models.var import VAR
+from engine.models.vqvae import VQVAE
+from engine.reference import ContiguousKVCache
+from tests.conftest import perturb_
+
+
+def _var_d16_manifest() -> dict[str, tuple[int, ...]]:
+    """Expected keys and shapes of var_d16.pth, written from the reference notes (§1.5)."""
+    c, h, seq, v, cvae, depth = 1024, 16, 680, 4096, 32, 16
+    m = {
+        "pos_start": (1, 1, c), "pos_1LC": (1, seq, c), "lvl_1L": (1, seq), "attn_bias_for_masking": (1, 1, seq, seq),
+        "word_embed.weight": (c, cvae), "word_embed.bias": (c,), "class_emb.weight": (1001, c),
+        "lvl_embed.weight": (10, c), "head_nm.ada_lin.1.weight": (2 * c, c), "head_nm.ada_lin.1.bias": (2 * c,),
+        "head.weight": (v, c), "head.bias": (v,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        m.update({
+            b + "attn.scale_mul_1H11": (1, h, 1, 1), b + "attn.q_bias": (c,), b + "attn.v_bias": (c,),
+            b + "attn.zero_k_bias": (c,), b + "attn.mat_qkv.weight": (3 * c, c), b + "attn.proj.weight": (c, c),
+            b + "attn.proj.bias": (c,), b + "ffn.fc1.weight": (4 * c, c), b + "ffn.fc1.bias": (4 * c,),
+            b + "ffn.fc2.weight": (c, 4 * c), b + "ffn.fc2.bias": (c,), b + "ada_lin.1.weight": (6 * c, c),
+            b + "ada_lin.1.bias": (6 * c,),
+        })
+    return m
+
+
+def test_var_d16_state_dict_matches_official_layout():
+    with torch.device("meta"):
+        model = VAR(get_spec("var-d16").var)
+    got = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    assert got == _var_d16_manifest()
+    assert len(got) == 220
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 310.3) < 0.1
+
+
+def test_tokenizer_state_dict_matches_official_layout():
+    with torch.device("meta"):
+        vae = VQVAE(get_spec("var-d16").vae)
+    sd = {k: tuple(t.shape) for k, t in vae.state_dict().items()}
+    assert len(sd) == 324
+    expected = {
+        "quantize.ema_vocab_hit_SV": (10, 4096), "quantize.embedding.weight": (4096, 32),
+        "quant_conv.weight": (32, 32, 3, 3), "post_quant_conv.weight": (32, 32, 3, 3),
+        "encoder.conv_in.weight": (160, 3, 3, 3), "encoder.conv_out.weight": (32, 640, 3, 3),
+        "decoder.conv_in.weight": (640, 32, 3, 3), "decoder.conv_out.weight": (3, 160, 3, 3),
+        "encoder.down.2.block.0.nin_shortcut.weight": (320, 160, 1, 1),
+        "encoder.down.4.block.0.nin_shortcut.weight": (640, 320, 1, 1),
+        "encoder.down.4.attn.1.qkv.weight": (1920, 640, 1, 1), "encoder.down.3.downsample.conv.weight": (320, 320, 3, 3),
+        "encoder.mid.attn_1.proj_out.weight": (640, 640, 1, 1),
+        "decoder.up.3.block.0.nin_shortcut.weight": (320, 640, 1, 1),
+        "decoder.up.1.block.0.nin_shortcut.weight": (160, 320, 1, 1),
+        "decoder.up.4.attn.2.qkv.weight": (1920, 640, 1, 1), "decoder.up.1.upsample.conv.weight": (160, 160, 3, 3),
+        "decoder.up.0.block.2.conv2.weight": (160, 160, 3, 3),
+    }
+    for i in range(4):
+        expected[f"quantize.quant_resi.qresi_ls.{i}.weight"] = (32, 32, 3, 3)
+        expected[f"quantize.quant_resi.qresi_ls.{i}.bias"] = (32,)
+    for k, shape in expected.items():
+        assert sd[k] == shape, k
+    nin = sorted(k for k in sd if "nin_shortcut.weight" in k)
+    assert nin == sorted(["encoder.down.2.block.0.nin_shortcut.weight", "encoder.down.4.block.0.nin_shortcut.weight",
+                          "decoder.up.3.block.0.nin_shortcut.weight", "decoder.up.1.block.0.nin_shortcut.weight"])
+    assert not any(k.startswith("decoder.up.0.upsample") for k in sd)
+    assert not any(k.startswith("encoder.down.4.downsample") for k in sd)
+    assert abs(sum(p.numel() for p in vae.parameters()) / 1e6 - 108.9) < 0.1
+    assert vae.quantize.quant_resi.scale_to_phi == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+
+
+def test_block_causal_mask_staircase():
+    model = VAR(get_spec("var-micro").var)  # scales 1,2,4,8
+    visible = model.attn_bias_for_masking[0, 0] == 0
+    assert visible[0, 0] and not visible[0, 1]
+    assert visible[1:5, :5].all() and not visible[1:5, 5:].any()
+    assert visible[5:21, :21].all() and not visible[5:21, 21:].any()
+
+
+def test_teacher_forcing_equals_cached_scale_by_scale(micro_model):
+    var, vae, cfg = micro_model.var, micro_model.vae, micro_model.spec.var
+    gen = torch.Generator().manual_seed(3)
+    b = 3
+    idx = [torch.randint(0, cfg.vocab_size, (b, p * p), generator=gen) for p in cfg.patch_nums]
+    labels = torch.tensor([1, 4, cfg.num_classes])  # includes the null class
+    inputs = vae.quantize.teacher_forcing_input(idx)
+    with torch.no_grad():
+        tf = var(labels, inputs)
+        cache = ContiguousKVCache(micro_model)
+        cond = var.condition(labels)
+        outs, starts = [], cfg.scale_starts()
+        for si, p in enumerate(cfg.patch_nums):
+            nxt = None if si == 0 else inputs[:, starts[si] - 1 : starts[si] - 1 + p * p]
+            x = var.embed_scale(si, cond, nxt)
+            outs.append(var.logits(var.run_blocks(x, cond, cache.attend), cond))
+    cached = torch.cat(outs, dim=1)
+    assert tf.shape == cached.shape == (b, cfg.seq_len, cfg.vocab_size)
+    assert (tf - cached).abs().max() < 1e-4
+    assert tf.std() > 0.1  # the perturbed model is far from identity
+
+
+def test_next_scale_input_matches_an_independent_implementation(micro_model):
+    q = micro_model.vae.quantize
+    pn = q.patch_nums
+    gen = torch.Generator().manual_seed(5)
+    idx = [torch.randint(0, q.cfg.vocab_size, (2, p * p), generator=gen) for p in pn]
+    full = pn[-1]
+    f_hat = torch.zeros(2, q.cfg.z_channels, full, full)
+    expected = []
+    for si in range(len(pn) - 1):
+        h = q.embedding(idx[si]).transpose(1, 2).reshape(2, -1, pn[si], pn[si])
+        h = F.interpolate(h, size=(full, full), mode="bicubic")
+        phi = q.quant_resi.qresi_ls[q.quant_resi.scale_to_phi[si]]
+        f_hat = f_hat + 0.5 * h + 0.5 * F.conv2d(h, phi.weight, phi.bias, padding=1)
+        expected.append(F.interpolate(f_hat, size=(pn[si + 1],) * 2, mode="area").flatten(2).transpose(1, 2))
+    with torch.no_grad():
+        tf = q.teacher_forcing_input(idx)
+    assert torch.allclose(tf, torch.cat(expected, 1), atol=1e-5)
+
+
+def test_tokenizer_encode_decode_shapes(micro_model):
+    vae = micro_model.vae
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    idx = vae.img_to_indices(x)
+    assert [i.shape for i in idx] == [(2, p * p) for p in vae.cfg.patch_nums]
+    img = vae.indices_to_img(idx)
+    assert img.shape == x.shape and img.abs().max() <= 1
+
+
+def test_official_tiebreak_for_seven_scales():
+    from engine.models.vqvae import PhiSet
+
+    assert PhiSet(4, 0.5, 4, 7).scale_to_phi == [0, 0, 1, 2, 2, 3, 3]
+
+
+def test_vq_training_forward_gradients_flow():
+    vae = VQVAE(get_spec("var-micro").vae)
+    perturb_(vae, 0.01)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    rec, vq_loss, _ = vae(x)
+    (F.mse_loss(rec, x) + vq_loss).backward()
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0  # straight-through reaches the encoder
+    assert vae.quantize.embedding.weight.grad.abs().sum() > 0
