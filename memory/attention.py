@@ -126,6 +126,28 @@ def gather_kv(
     return g[0], g[1], mask
 
 
+def _gather_with_current(
+    pool: KVPool, block_table: torch.Tensor, hist: int, k_cur: torch.Tensor, v_cur: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast path for equal history lengths: K/V ``[S, H, hist + Lq, D]`` built with one gather and
+    one strided copy into a preallocated buffer (instead of gather, reshape copy, then cat)."""
+    s, h, lq, d = k_cur.shape
+    bs = pool.block_size
+    n_pages = -(-hist // bs)
+    if n_pages > block_table.shape[1]:
+        raise ValueError(f"lengths {[hist] * s} exceed the block table capacity of {block_table.shape[1]} pages "
+                         f"x {bs} tokens")
+    ids = block_table[:, :n_pages].reshape(-1).to(device=pool.device, dtype=torch.long)
+    g = pool.kv.index_select(0, ids).view(s, n_pages, 2, bs, h, d).permute(2, 0, 4, 1, 3, 5)
+    # Whole pages land in the buffer; the current tokens then overwrite the unused tail of the
+    # last page, and the final slice drops whatever is left of it.
+    out = k_cur.new_empty((2, s, h, n_pages * bs + lq, d))
+    out[:, :, :, : n_pages * bs].view(2, s, h, n_pages, bs, d).copy_(g)
+    out[0, :, :, hist : hist + lq].copy_(k_cur)
+    out[1, :, :, hist : hist + lq].copy_(v_cur)
+    return out[0, :, :, : hist + lq], out[1, :, :, : hist + lq]
+
+
 # ------------------------------------------------------------------------ backends
 def xformers_available() -> bool:
     """Whether ``xformers.ops`` imports (checked lazily; xformers is an optional CUDA extra)."""
@@ -253,6 +275,9 @@ def paged_attention(
     if len(hist) != s:
         raise ValueError(f"hist_lens has {len(hist)} entries for {s} sequences")
     equal = all(n == hist[0] for n in hist)
+    if name == "torch" and equal and hist[0] > 0:
+        k, v = _gather_with_current(pool, block_table, hist[0], k_cur, v_cur)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).to(q.dtype)
     k_hist, v_hist, hist_mask = gather_kv(pool, block_table, hist)
     k_hist, v_hist, hist_mask = k_hist.to(q.device), v_hist.to(q.device), hist_mask.to(q.device)
 
