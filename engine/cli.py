@@ -132,6 +132,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Tokenizer PSNR, class accuracy of samples, attention report; JSON (+ heat-map PNG) in --out."""
+    from engine import evaluate
+    from engine.models.registry import build_model
+
+    _set_threads(args.threads)
+    model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    what = ["tokenizer", "samples", "attention"] if args.what == "all" else [args.what]
+    summary = {}
+    if "tokenizer" in what:
+        from engine.training.tokenizer import evaluate_tokenizer
+
+        summary["tokenizer"] = evaluate_tokenizer(model.vae, args.num_images)
+    if "samples" in what:
+        from engine.api import EngineConfig
+
+        summary["samples"] = evaluate.sample_accuracy(model, args.per_class, args.seed,
+                                                      EngineConfig(dtype=args.dtype))
+    if "attention" in what:
+        from engine.requests import GenerationRequest
+
+        spec = model.spec
+        reqs = [GenerationRequest(class_label=i % spec.var.num_classes, seed=args.seed + i, cfg=spec.default_cfg,
+                                  top_k=spec.default_top_k, top_p=spec.default_top_p)
+                for i in range(args.attention_requests)]
+        rep = evaluate.attention_report(model, reqs)
+        evaluate.save_json(rep, out / "attention_report.json")
+        evaluate.plot_attention_report(rep, out / "attention_report.png")
+        summary["attention"] = rep["summary"]
+    evaluate.save_json(summary, out / "eval.json")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalekv", description="Serve next-scale VAR image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="requests per batch of the reference loop")
     _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="evaluate a model: tokenizer PSNR, sample class accuracy, attention report")
+    e.add_argument("what", choices=["tokenizer", "samples", "attention", "all"])
+    _add_model_args(e)
+    e.add_argument("--out", default="out/eval", help="folder for eval.json and the attention report")
+    e.add_argument("--num-images", type=int, default=1000, help="held-out images for tokenizer PSNR")
+    e.add_argument("--per-class", type=int, default=100, help="generated images per class for accuracy")
+    e.add_argument("--attention-requests", type=int, default=16, help="requests for the attention report")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train the tokenizer, the transformer or the eval classifier")
     t.add_argument("what", choices=["tokenizer", "transformer", "classifier"])

@@ -1,0 +1,159 @@
+"""Model evaluation: tokenizer PSNR, class accuracy of samples, and the attention report.
+
+The attention report is what the compression work starts from: for every (scale, layer) it
+gives the share of attention mass the current scale's queries put on their own scale (vs all
+earlier scales) and the attention entropy, averaged over heads, queries and requests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models.registry import LoadedModel
+from .reference import ContiguousKVCache, autocast_for
+from .requests import GenerationRequest
+from .sampling import make_generator, sample_scale
+
+
+@dataclass
+class AttentionStats:
+    """Accumulates per-(scale, layer) attention statistics during generation."""
+
+    num_scales: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        self.current_mass = torch.zeros(self.num_scales, self.num_layers, dtype=torch.float64)
+        self.entropy = torch.zeros(self.num_scales, self.num_layers, dtype=torch.float64)
+        self.count = torch.zeros(self.num_scales, dtype=torch.float64)
+
+    def report(self) -> dict:
+        n = self.count.clamp_min(1)[:, None]
+        return {
+            "current_scale_mass": (self.current_mass / n).tolist(),
+            "entropy_nats": (self.entropy / n).tolist(),
+        }
+
+
+class _RecordingCache(ContiguousKVCache):
+    """The reference cache, also recording attention statistics of the conditional branch."""
+
+    def __init__(self, model: LoadedModel, stats: AttentionStats, batch: int, max_queries: int) -> None:
+        super().__init__(model)
+        self.stats, self.batch, self.max_queries = stats, batch, max_queries
+        self.scale_index = 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = super().attend(layer, q, k, v)
+        keys = self.k[layer][: self.batch].float()
+        lq = q.shape[2]
+        step = max(1, lq // self.max_queries)
+        qs = q[: self.batch, :, ::step].float()
+        probs = (qs @ keys.transpose(-1, -2) * self.scales[layer]).softmax(-1)  # [B, H, q, Lcum]
+        hist = keys.shape[2] - lq
+        cur = probs[..., hist:].sum(-1)
+        ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+        si = self.scale_index
+        self.stats.current_mass[si, layer] += float(cur.mean()) * self.batch
+        self.stats.entropy[si, layer] += float(ent.mean()) * self.batch
+        if layer == len(self.scales) - 1:
+            self.stats.count[si] += self.batch
+        return out
+
+
+@torch.no_grad()
+def attention_report(model: LoadedModel, requests: list[GenerationRequest], max_queries: int = 64,
+                     dtype: str = "float32") -> dict:
+    """Generate ``requests`` with the reference loop, recording attention per (scale, layer)."""
+    var, vae, spec = model.var, model.vae, model.spec
+    device = next(var.parameters()).device
+    b, num_scales = len(requests), spec.var.num_scales
+    stats = AttentionStats(num_scales, spec.var.depth)
+    cache = _RecordingCache(model, stats, b, max_queries)
+    labels = torch.tensor([r.class_label for r in requests] + [spec.var.num_classes] * b, device=device)
+    gens = [make_generator(r.seed) for r in requests]
+    f_hat = torch.zeros(b, spec.vae.z_channels, spec.vae.patch_nums[-1], spec.vae.patch_nums[-1], device=device)
+    nxt = None
+    with autocast_for(dtype, device):
+        cond = var.condition(labels)
+        for si in range(num_scales):
+            cache.scale_index = si
+            x = var.embed_scale(si, cond, None if si == 0 else torch.cat((nxt, nxt)))
+            logits = var.logits(var.run_blocks(x, cond, cache.attend), cond)
+            idx = sample_scale(logits[:b], logits[b:], requests, gens, si, num_scales).to(device)
+            f_hat, nxt = vae.quantize.advance(f_hat, si, idx)
+    rep = stats.report()
+    rep.update({"model": spec.name, "patch_nums": list(spec.var.patch_nums), "depth": spec.var.depth,
+                "num_requests": b, "max_queries_per_scale": max_queries})
+    mass = torch.tensor(rep["current_scale_mass"])[1:]  # scale 0 has no history
+    rep["summary"] = {
+        "min_current_mass": float(mass.min()),
+        "max_current_mass": float(mass.max()),
+        # scale index -> layers putting more than half of their attention on the current scale
+        "layers_mostly_current": {str(s + 1): [la for la in range(spec.var.depth) if mass[s, la] > 0.5]
+                                  for s in range(mass.shape[0])},
+    }
+    return rep
+
+
+def plot_attention_report(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mass = torch.tensor(report["current_scale_mass"])
+    ent = torch.tensor(report["entropy_nats"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, data, title, cmap in ((axes[0], mass, "attention mass on the current scale", "viridis"),
+                                  (axes[1], ent, "attention entropy (nats)", "magma")):
+        im = ax.imshow(data.T.numpy(), aspect="auto", origin="lower", cmap=cmap)
+        ax.set_xlabel("scale (side)")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(len(report["patch_nums"])), [str(p) for p in report["patch_nums"]])
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"{report['model']}: attention per (scale, layer), {report['num_requests']} requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, engine_config=None,
+                    progress: bool = True) -> dict:
+    """Generate ``per_class`` images of every class with the engine (default sampling settings)
+    and score them with the shipped shape classifier."""
+    from tqdm import tqdm
+
+    from .api import EngineConfig, ImageEngine
+    from .models.classifier import load_classifier, predict
+
+    spec = model.spec
+    engine = ImageEngine(model, engine_config or EngineConfig())
+    reqs = [GenerationRequest(class_label=c, seed=seed + i, request_id=f"c{c}-{i}")
+            for c in range(spec.var.num_classes) for i in range(per_class)]
+    images, labels = [], []
+    bar = tqdm(total=len(reqs), desc="sampling", disable=not progress)
+    for r in engine.generate_stream(reqs):
+        if not r.ok:
+            raise RuntimeError(f"generation failed: {r.error}")
+        images.append(torch.from_numpy(r.image))
+        labels.append(r.class_label)
+        bar.update(1)
+    bar.close()
+    x = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pred = predict(load_classifier(), x)
+    y = torch.tensor(labels)
+    per = [float((pred[y == c] == c).float().mean()) for c in range(spec.var.num_classes)]
+    return {"accuracy": float((pred == y).float().mean()), "per_class": per, "num_images": len(y),
+            "cfg": spec.default_cfg, "top_k": spec.default_top_k, "top_p": spec.default_top_p}
+
+
+def save_json(obj: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
