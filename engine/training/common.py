@@ -19,6 +19,17 @@ def autocast(device: str, bf16: bool):
     return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
 
+def to_model_input(images_uint8, image_size: int) -> torch.Tensor:
+    """Rendered uint8 images -> [-1, 1] tensors at the model's resolution (area resampling, so
+    micro test configs can train on the same 64x64 data)."""
+    from engine.data.shapes import to_tensor
+
+    x = to_tensor(images_uint8)
+    if x.shape[-1] != image_size:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="area")
+    return x
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.05) -> float:
     """Linear warm-up, then cosine decay to ``final_frac * peak``."""
     if step < warmup:

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.data.shapes import EVAL_SEED, TRAIN_SEED, render_batch, to_tensor
+from engine.data.shapes import EVAL_SEED, TRAIN_SEED, render_batch
 from engine.models.registry import get_spec, save_safetensors
 from engine.models.vqvae import VQVAE, psnr
 
-from .common import RunDir, autocast, lr_at
+from .common import RunDir, autocast, lr_at, to_model_input
 
 
 @dataclass
@@ -66,7 +66,7 @@ def evaluate_tokenizer(vae: VQVAE, num_images: int = 1000, batch: int = 100, bf1
     scores, used = [], [set() for _ in vae.cfg.patch_nums]
     for start in range(0, num_images, batch):
         imgs, _ = render_batch(EVAL_SEED, start, min(batch, num_images - start))
-        x = to_tensor(imgs)
+        x = to_model_input(imgs, vae.cfg.image_size)
         with autocast("cpu", bf16):
             idx = vae.img_to_indices(x)
             rec = vae.indices_to_img(idx)
@@ -102,7 +102,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = Tr
     t_last = time.time()
     while step < cfg.steps:
         imgs, _ = render_batch(TRAIN_SEED, step * cfg.batch_size, cfg.batch_size)
-        x = to_tensor(imgs).to(cfg.device)
+        x = to_model_input(imgs, spec.vae.image_size).to(cfg.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         with autocast(cfg.device, cfg.bf16):

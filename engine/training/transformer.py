@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.data.shapes import TRAIN_SEED, render_batch, to_tensor
+from engine.data.shapes import TRAIN_SEED, render_batch
 from engine.models.registry import get_spec, load_into, save_safetensors
 from engine.models.var import VAR
 from engine.models.vqvae import VQVAE
 
-from .common import RunDir, autocast, lr_at
+from .common import RunDir, autocast, lr_at, to_model_input
 
 
 @dataclass
@@ -52,7 +52,7 @@ def pretokenize(vae: VQVAE, num_images: int, out: Path, batch: int = 250, progre
     chunks, labels = [], []
     for start in tqdm(range(0, num_images, batch), desc="pretokenize", disable=not progress):
         imgs, lab = render_batch(TRAIN_SEED, start, min(batch, num_images - start))
-        idx = vae.img_to_indices(to_tensor(imgs))
+        idx = vae.img_to_indices(to_model_input(imgs, vae.cfg.image_size))
         chunks.append(torch.cat(idx, dim=1).to(torch.int16).numpy())
         labels.append(lab)
     np.save(tok_path, np.concatenate(chunks))
