@@ -131,7 +131,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = Tr
                     "psnr": p, "codes_used_per_scale": usage, "restarted": restarted,
                     "img_per_s": step * cfg.batch_size / max(elapsed, 1e-9), "elapsed_s": elapsed}
             run.log(rec_)
-            bar.set_postfix(loss=f"{float(loss):.4f}", psnr=f"{p:.1f}", codes=max(usage),
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}", codes=max(usage),
                             ips=f"{rec_['img_per_s']:.0f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             run.save({"model": vae.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state(),
