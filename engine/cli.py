@@ -141,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    what = ["tokenizer", "samples", "attention"] if args.what == "all" else [args.what]
+    what = ["tokenizer", "samples", "attention", "grid"] if args.what == "all" else [args.what]
     summary = {}
     if "tokenizer" in what:
         from engine.training.tokenizer import evaluate_tokenizer
@@ -163,6 +163,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate.save_json(rep, out / "attention_report.json")
         evaluate.plot_attention_report(rep, out / "attention_report.png")
         summary["attention"] = rep["summary"]
+    if "grid" in what:
+        from engine.api import EngineConfig
+
+        evaluate.sample_grid(model, out / "samples_grid.png", per_class=8, seed=args.seed,
+                             engine_config=EngineConfig(dtype=args.dtype))
+        summary["grid"] = str(out / "samples_grid.png")
     evaluate.save_json(summary, out / "eval.json")
     print(json.dumps(summary, indent=1))
     return 0
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model: tokenizer PSNR, sample class accuracy, attention report")
-    e.add_argument("what", choices=["tokenizer", "samples", "attention", "all"])
+    e.add_argument("what", choices=["tokenizer", "samples", "attention", "grid", "all"])
     _add_model_args(e)
     e.add_argument("--out", default="out/eval", help="folder for eval.json and the attention report")
     e.add_argument("--num-images", type=int, default=1000, help="held-out images for tokenizer PSNR")

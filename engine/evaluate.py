@@ -154,6 +154,29 @@ def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, eng
             "cfg": spec.default_cfg, "top_k": spec.default_top_k, "top_p": spec.default_top_p}
 
 
+@torch.no_grad()
+def sample_grid(model: LoadedModel, path: str | Path, per_class: int = 8, seed: int = 0, engine_config=None) -> None:
+    """A PNG grid: one row per class, ``per_class`` samples each (seeds seed..seed+per_class-1)."""
+    import numpy as np
+    from PIL import Image
+
+    from .api import EngineConfig, ImageEngine
+
+    n_cls = model.spec.var.num_classes
+    reqs = [GenerationRequest(class_label=c, seed=seed + i, request_id=f"{c}-{i}")
+            for c in range(n_cls) for i in range(per_class)]
+    results = ImageEngine(model, engine_config or EngineConfig()).generate(reqs)
+    tiles = [r.image for r in results]
+    h, w, _ = tiles[0].shape
+    pad = 2
+    grid = np.full((n_cls * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k, img in enumerate(tiles):
+        r, c = divmod(k, per_class)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
 def save_json(obj: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=1))
