@@ -58,6 +58,22 @@ class RunDir:
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt)
 
+    def resume(self, model: torch.nn.Module, optim: torch.optim.Optimizer, gen: torch.Generator) -> tuple[int, float]:
+        """Restore model, optimizer and data-order generator from ``ckpt.pt`` if present;
+        returns (step, elapsed seconds) to continue from."""
+        state = self.load()
+        if state is None:
+            return 0, 0.0
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        gen.set_state(state["gen"])
+        return state["step"], state.get("elapsed", 0.0)
+
+    def checkpoint(self, model: torch.nn.Module, optim: torch.optim.Optimizer, gen: torch.Generator, step: int,
+                   elapsed: float, config: dict) -> None:
+        self.save({"model": model.state_dict(), "optim": optim.state_dict(), "gen": gen.get_state(),
+                   "step": step, "elapsed": elapsed, "config": config})
+
     def log(self, record: dict) -> None:
         with self.log_file.open("a") as f:
             f.write(json.dumps(record) + "\n")

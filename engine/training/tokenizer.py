@@ -90,13 +90,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = Tr
     vae = VQVAE(spec.vae).to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, elapsed = 0, 0.0
-    state = run.load()
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        gen.set_state(state["gen"])
-        step, elapsed = state["step"], state.get("elapsed", 0.0)
+    step, elapsed = run.resume(vae, opt, gen)
     vae.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", disable=not progress, dynamic_ncols=True)
     t_last = time.time()
@@ -134,8 +128,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = Tr
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}", codes=max(usage),
                             ips=f"{rec_['img_per_s']:.0f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            run.save({"model": vae.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state(),
-                      "step": step, "elapsed": elapsed, "config": asdict(cfg)})
+            run.checkpoint(vae, opt, gen, step, elapsed, asdict(cfg))
     bar.close()
     vae.eval()
     return vae

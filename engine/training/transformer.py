@@ -88,13 +88,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     var = VAR(spec.var).to(cfg.device)
     opt = torch.optim.AdamW(param_groups(var, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, elapsed = 0, 0.0
-    state = run.load()
-    if state is not None:
-        var.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        gen.set_state(state["gen"])
-        step, elapsed = state["step"], state.get("elapsed", 0.0)
+    step, elapsed = run.resume(var, opt, gen)
     var.train()
     lens = spec.var.scale_lengths()
     bar = tqdm(total=cfg.steps, initial=step, desc="transformer", disable=not progress, dynamic_ncols=True)
@@ -127,8 +121,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
             run.log(rec)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc_last=acc[-1], ips=f"{rec['img_per_s']:.1f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            run.save({"model": var.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state(),
-                      "step": step, "elapsed": elapsed, "config": asdict(cfg)})
+            run.checkpoint(var, opt, gen, step, elapsed, asdict(cfg))
     bar.close()
     var.eval()
     return var
