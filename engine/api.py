@@ -5,22 +5,33 @@ Requests are admitted in arrival order when the memory manager can reserve their
 runs out of memory and a waiting one never crashes the pool). Each ``step()`` advances a batch
 of running requests by one scale, whatever scale each is at (iteration-level batching), under
 ``max_batch_tokens`` and ``max_running``.
+
+Every request names a KV policy and a ``kv_budget`` (or takes the engine's). ``plan_for`` turns
+them into a ``KVPlan`` of per-(scale, layer) token quotas (``memory.budgets``), which is what
+admission reserves; ``policy_for`` gives the selection policy (``memory.policies``) that the
+runner asks which tokens to keep. ``scalekv`` also needs the model's scale profile: the shipped
+``engine/models/weights/<model>/scale_profile.json`` or ``EngineConfig.profile_path``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 
-from memory.manager import KVPlan, MemoryManager, RequestTooLargeError, full_plan
+from memory.budgets import BudgetSettings, budget_plan
+from memory.manager import KVPlan, MemoryManager, RequestTooLargeError
+from memory.policies import POLICIES, SelectionPolicy, make_policy
 from memory.pool import KVPool
+from memory.profile import ScaleProfile, shipped_profile_path
 
 from .models.registry import LoadedModel
 from .reference import image_to_uint8
@@ -45,8 +56,15 @@ class EngineConfig:
     kv_budget: float = 1.0  # fraction of the full cache for compressing policies
     dtype: str = "bfloat16"  # compute dtype; the pool stores K/V in it
     attention_backend: str = "auto"  # torch | xformers | auto
+    profile_path: str | None = None  # scale profile for scalekv (default: the model's shipped one)
+    window_size: int = 16  # observation window of queries (scalekv: a perfect square, grid centres)
+    pool_kernel: int = 5  # 1-D smoothing of window scores (odd)
+    pooling: str = "max"  # max | avg
+    budget_delta: float | None = None  # scalekv: linearly decaying refiner budget (None: drafters keep all)
 
     def __post_init__(self) -> None:
+        if isinstance(self.budget_delta, str):  # from the environment
+            self.budget_delta = None if self.budget_delta.lower() in ("", "none") else float(self.budget_delta)
         if self.block_size < 1:
             raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
         if self.kv_pool_bytes is not None and self.kv_pool_bytes <= 0:
@@ -61,6 +79,16 @@ class EngineConfig:
             raise ValueError(f"kv_budget: must be a fraction in (0, 1], got {self.kv_budget}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: unknown policy {self.policy!r} (available: {', '.join(POLICIES)})")
+        if self.window_size < 1 or math.isqrt(self.window_size) ** 2 != self.window_size:
+            raise ValueError(f"window_size: must be a perfect square >= 1 (grid window), got {self.window_size}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel: must be an odd number >= 1, got {self.pool_kernel}")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling: expected 'max' or 'avg', got {self.pooling!r}")
+        if self.budget_delta is not None and self.budget_delta < 0:
+            raise ValueError(f"budget_delta: must be >= 0, got {self.budget_delta}")
 
     @classmethod
     def add_cli_args(cls, p: argparse.ArgumentParser) -> None:
@@ -72,9 +100,16 @@ class EngineConfig:
         p.add_argument("--max-batch-tokens", type=int, default=None,
                        help="tokens advanced per step, both CFG branches counted (default 16384)")
         p.add_argument("--max-running", type=int, default=None, help="requests admitted at once (default 64)")
-        p.add_argument("--policy", default=None, help="KV policy (default full)")
+        p.add_argument("--policy", default=None, choices=list(POLICIES), help="KV policy (default full)")
         p.add_argument("--kv-budget", type=float, default=None, help="kept fraction of the KV cache (default 1.0)")
         p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "xformers"])
+        p.add_argument("--profile-path", default=None,
+                       help="scale profile JSON for scalekv (default: the model's shipped scale_profile.json)")
+        p.add_argument("--window-size", type=int, default=None, help="observation window of queries (default 16)")
+        p.add_argument("--pool-kernel", type=int, default=None, help="score smoothing kernel (default 5)")
+        p.add_argument("--pooling", default=None, choices=["max", "avg"], help="score smoothing (default max)")
+        p.add_argument("--budget-delta", type=float, default=None,
+                       help="scalekv: refiner budget decays by this many tokens per compressed scale")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -134,17 +169,51 @@ class ImageEngine:
         self._finished: list[GenerationResult] = []
         self._seq_ids = itertools.count()
         self._plans: dict[tuple[str, float], KVPlan] = {}
+        self._policies: dict[str, SelectionPolicy] = {}
+        self._profile: ScaleProfile | None = None
         self.num_steps = 0
         self.num_preemptions = 0  # exact reservation: stays 0, kept for telemetry parity
 
     # ----- requests -----------------------------------------------------------------------
+    def scale_profile(self) -> ScaleProfile:
+        """The model's scale profile (``EngineConfig.profile_path`` or the shipped one), checked
+        against the model's name, scale schedule and depth."""
+        if self._profile is None:
+            spec = self.model.spec
+            path = Path(self.config.profile_path) if self.config.profile_path else shipped_profile_path(spec.name)
+            if not path.exists():
+                where = f"profile_path {path} does not exist" if self.config.profile_path else \
+                    f"model {spec.name!r} ships no scale profile ({path})"
+                raise ValueError(
+                    f"policy 'scalekv' needs a scale profile: {where}; run `scalekv calibrate --model {spec.name} "
+                    "--out PROFILE.json` and pass --profile-path PROFILE.json (EngineConfig.profile_path)"
+                )
+            self._profile = ScaleProfile.load(path, spec.name, spec.var.patch_nums, spec.var.depth)
+        return self._profile
+
+    def budget_settings(self, kv_budget: float) -> BudgetSettings:
+        c = self.config
+        return BudgetSettings(kv_budget=kv_budget, window_size=c.window_size, delta=c.budget_delta,
+                              align=c.block_size)
+
     def plan_for(self, policy: str, kv_budget: float) -> KVPlan:
-        key = (policy, kv_budget)
+        """Per-(scale, layer) token quotas of ``policy`` at ``kv_budget`` (cached)."""
+        key = (policy, float(kv_budget))
         if key not in self._plans:
-            if policy != "full":
-                raise ValueError(f"policy: unknown policy {policy!r} (available: full)")
-            self._plans[key] = full_plan(self.model.spec.var)
+            if policy not in POLICIES:
+                raise ValueError(f"policy: unknown policy {policy!r} (available: {', '.join(POLICIES)})")
+            var = self.model.spec.var
+            profile = self.scale_profile() if policy == "scalekv" else None
+            self._plans[key] = budget_plan(policy, var.patch_nums, var.depth, self.budget_settings(kv_budget),
+                                           profile)
         return self._plans[key]
+
+    def policy_for(self, policy: str) -> SelectionPolicy:
+        """The engine's selection policy object of that name (stateful ones track sequences)."""
+        if policy not in self._policies:
+            c = self.config
+            self._policies[policy] = make_policy(policy, c.window_size, c.pool_kernel, c.pooling)
+        return self._policies[policy]
 
     def add_request(self, request: GenerationRequest) -> bool:
         """Queue a request. Bad input or a request that could never fit the pool is answered at
@@ -153,8 +222,9 @@ class ImageEngine:
         try:
             validate_request(request, spec.var.num_classes)
             req = request.resolved(spec.default_cfg, spec.default_top_k, spec.default_top_p)
-            plan = self.plan_for(req.policy or self.config.policy,
-                                 self.config.kv_budget if req.kv_budget is None else req.kv_budget)
+            name = req.policy or self.config.policy
+            plan = self.plan_for(name, self.config.kv_budget if req.kv_budget is None else req.kv_budget)
+            policy = self.policy_for(name)
             self.manager.check_fits_pool(plan)
         except (ValueError, RequestTooLargeError) as e:
             self._finished.append(GenerationResult(request.request_id, request.class_label, request.seed,
@@ -166,6 +236,7 @@ class ImageEngine:
             request=req,
             seqs=(next(self._seq_ids), next(self._seq_ids)),
             plan=plan,
+            policy=policy,
             generator=make_generator(req.seed),
             f_hat=torch.zeros(1, spec.vae.z_channels, full, full, device=device),
             t_arrival=time.perf_counter(),
@@ -208,6 +279,13 @@ class ImageEngine:
     def _key(self, st: RequestState) -> str:
         return st.request.request_id or str(st.seqs)
 
+    def _release(self, st: RequestState) -> dict:
+        """Return the request's pages and drop any policy state of its sequences."""
+        if st.policy is not None:
+            for seq in st.seqs:
+                st.policy.release(seq)
+        return self.manager.release(self._key(st))
+
     def step(self) -> list[GenerationResult]:
         """Admit what fits, run one scale for a batch of running requests, and return the
         results that finished (including error results of rejected requests)."""
@@ -219,7 +297,7 @@ class ImageEngine:
             except Exception as e:  # the step broke: fail its requests, keep the engine serving
                 for st in batch:
                     self.running.remove(st)
-                    self.manager.release(self._key(st))
+                    self._release(st)
                     self._finished.append(GenerationResult(
                         st.request.request_id, st.request.class_label, st.request.seed,
                         error=f"engine step failed: {type(e).__name__}: {e}"))
@@ -244,7 +322,7 @@ class ImageEngine:
         spec = self.model.spec
         for i, st in enumerate(done):
             self.running.remove(st)
-            acct = self.manager.release(self._key(st))
+            acct = self._release(st)
             scratch = 2 * spec.var.scale_lengths()[-1] * 2 * spec.var.width * self.pool.kv.element_size()
             req = st.request
             self._finished.append(GenerationResult(
@@ -262,6 +340,7 @@ class ImageEngine:
                     "pages_peak": acct.get("pages_peak", 0),
                     "tokens_peak": acct.get("tokens_peak", 0),
                     "policy": st.plan.name,
+                    "kv_budget": self.config.kv_budget if req.kv_budget is None else req.kv_budget,
                 },
             ))
 
@@ -269,7 +348,7 @@ class ImageEngine:
         """Fail every queued and running request and return all their pages."""
         out = []
         for st in list(self.waiting) + list(self.running):
-            self.manager.release(self._key(st))
+            self._release(st)
             out.append(GenerationResult(st.request.request_id, st.request.class_label, st.request.seed,
                                         error=reason))
         self.waiting.clear()
@@ -290,9 +369,27 @@ class ImageEngine:
             by_id.setdefault(r.request_id, []).append(r)
         return [by_id[r.request_id].pop(0) for r in requests]
 
+    def role_pages(self) -> dict[str, int]:
+        """Pages held right now by drafter layers vs the other (refiner) layers, over running
+        requests. A layer's role is its plan's role for the cache it holds (kept after the
+        request's last finished scale); plans without drafters count as refiners."""
+        drafter = refiner = 0
+        table = self.manager.table
+        for st in self.running:
+            roles = set(st.plan.drafters[st.scale - 1]) if 0 < st.scale <= len(st.plan.drafters) else set()
+            for seq in st.seqs:
+                for layer in table.layers(seq):
+                    n = table.num_pages(seq, layer)
+                    if layer in roles:
+                        drafter += n
+                    else:
+                        refiner += n
+        return {"drafter_pages": drafter, "refiner_pages": refiner}
+
     def stats(self) -> dict:
         return {
             **self.manager.stats(),
+            **self.role_pages(),
             "num_requests_running": len(self.running),
             "num_requests_waiting": len(self.waiting),
             "num_steps": self.num_steps,

@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer-weights", default=None, help="(transformer) the trained tokenizer")
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
+    __import__("memory.cli", fromlist=["register"]).register(sub)  # scalekv calibrate, scalekv bench fidelity
     return parser
 
 

@@ -7,6 +7,12 @@ tokens, keys/values its pages (the layer's kept history) plus the current tokens
 layer's attention, the tokens that layer keeps are written to its pages (the write-back hook;
 with ``full``, all current tokens are appended) and the current K/V, which lived only in this
 step's scratch, are dropped.
+
+Compression (a plan that keeps fewer tokens than history + current): the request's selection
+policy (``memory.policies``) picks, per sequence and head, which candidates survive, using the
+layer's real queries. The history is gathered from the pool (a copy), so the layer's pages can
+be rewritten in place from slot 0 with the kept tokens; pages no longer needed go straight back
+to the pool (``MemoryManager.set_tokens``). Heads keep equal counts so page slots stay aligned.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memory.attention import paged_attention, write_kv
+from memory.attention import gather_kv, paged_attention
 from memory.manager import KVPlan, MemoryManager
+from memory.policies import SelectionContext, SelectionPolicy
 from memory.pool import KVPool
 
 from .models.registry import LoadedModel
@@ -39,7 +46,7 @@ class RequestState:
     t_arrival: float = 0.0
     t_admitted: float = 0.0
     t_first_scale: float | None = None
-    policy: object | None = None  # compression policy (None: keep everything the plan allows)
+    policy: SelectionPolicy | None = None  # chooses kept tokens when the plan compresses
 
 
 @dataclass
@@ -89,29 +96,97 @@ class ModelRunner:
             qg, kg, vg = part(q), part(k), part(v)
             table, hist = self.manager.table.block_table_tensor(g.seqs, layer, device=self.pool.device)
             out = paged_attention(qg, kg, vg, self.pool, table, hist, self.softmax_scales[layer], self.backend)
-            self._write_back(layer, g, kg, vg, hist.tolist())
+            self._write_back(layer, g, kg, vg, hist.tolist(), q=qg)
             outs.append(out.transpose(0, 1).reshape(h, g.num_tokens, d))
         return torch.cat(outs, dim=1).unsqueeze(0)
 
-    def _write_back(self, layer: int, g: _Group, k: torch.Tensor, v: torch.Tensor, hist: list[int]) -> None:
-        """Keep this layer's tokens for later scales. With a plan that keeps history + current
-        (``full``) the current tokens are appended; otherwise the state's policy chooses."""
-        si = g.scale
+    def _write_back(self, layer: int, g: _Group, k: torch.Tensor, v: torch.Tensor, hist: list[int],
+                    q: torch.Tensor | None = None) -> None:
+        """Keep this layer's tokens for later scales. Where the plan keeps history + current the
+        current tokens are appended; where it keeps fewer, the state's policy chooses them.
+        ``q``, ``k``, ``v``: the group's current-scale tensors ``[S, H, Lq, D]``."""
+        si, n = g.scale, len(g.states)
+        appends: list[int] = []
+        buckets: dict[tuple[int, int, int], list[int]] = {}
         for i, seq in enumerate(g.seqs):
-            state = g.states[i % len(g.states)]
-            keep = state.plan.kept[si][layer]
+            state = g.states[i % n]
+            keep, held = state.plan.kept[si][layer], hist[i] + g.length
             if keep == 0:
                 self.manager.set_tokens(seq, layer, 0)
                 continue
-            if keep == hist[i] + g.length:
-                pages = self.manager.ensure_capacity(seq, layer, keep)
-                write_kv(self.pool, pages, k[i].transpose(0, 1), v[i].transpose(0, 1), start=hist[i])
-                self.manager.set_tokens(seq, layer, keep)
-            else:
+            if keep > held:
+                raise ValueError(f"plan {state.plan.name!r} keeps {keep} tokens at scale {si} layer {layer}, "
+                                 f"the layer holds only {held}")
+            policy = state.policy
+            if keep == held and (policy is None or not policy.observes_every_step):
+                appends.append(i)
+                continue
+            if policy is None:
                 raise ValueError(
                     f"plan {state.plan.name!r} keeps {keep} tokens at scale {si} layer {layer} but no "
                     "compression policy is attached to choose them"
                 )
+            # sequences sharing policy, quota and history length are selected in one batch
+            buckets.setdefault((id(policy), keep, hist[i]), []).append(i)
+        if appends:
+            idx = torch.tensor(appends, device=k.device)
+            self._store(layer, [g.seqs[i] for i in appends], [hist[i] for i in appends],
+                        k[idx].transpose(1, 2), v[idx].transpose(1, 2))
+        for (_pid, keep, h), rows in buckets.items():
+            self._compress(layer, g, g.states[rows[0] % n].policy, rows, keep, h, q, k, v)
+
+    def _store(self, layer: int, seqs: list[int], starts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``, ``v`` ``[S, T, H, D]`` of each sequence at its slots ``start .. start + T``
+        of the layer's pages (growing them first), then record ``start + T`` kept tokens, which
+        returns surplus pages to the pool. One ``index_put_`` per tensor for all sequences."""
+        t, bs = k.shape[1], self.pool.block_size
+        page_rows, slot_rows = [], []
+        for seq, start in zip(seqs, starts):
+            pages = self.manager.ensure_capacity(seq, layer, start + t)
+            slots = torch.arange(start, start + t)
+            page_rows.append(torch.tensor(pages, dtype=torch.long)[slots // bs])
+            slot_rows.append(slots % bs)
+        page_idx = torch.cat(page_rows).to(self.pool.device)
+        offsets = torch.cat(slot_rows).to(self.pool.device)
+        kind = torch.zeros_like(offsets)
+        h, d = k.shape[2], k.shape[3]
+        kv = self.pool.kv
+        kv.index_put_((page_idx, kind, offsets), k.reshape(-1, h, d).to(device=kv.device, dtype=kv.dtype))
+        kv.index_put_((page_idx, kind + 1, offsets), v.reshape(-1, h, d).to(device=kv.device, dtype=kv.dtype))
+        for seq, start in zip(seqs, starts):
+            self.manager.set_tokens(seq, layer, start + t)
+
+    def _compress(self, layer: int, g: _Group, policy: SelectionPolicy, rows: list[int], keep: int, hist: int,
+                  q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Select ``keep`` of (history + current) tokens for the sequences ``rows`` of the group
+        and rewrite their pages with them from slot 0; surplus pages return to the pool."""
+        if q is None:
+            raise ValueError("compression needs the layer's queries (q)")
+        seqs = [g.seqs[i] for i in rows]
+        idx = torch.tensor(rows, device=k.device)
+        qc, kc, vc = q[idx], k[idx], v[idx]
+        if hist > 0:
+            table, lens = self.manager.table.block_table_tensor(seqs, layer, device=self.pool.device)
+            kh, vh, _ = gather_kv(self.pool, table, lens)  # a copy: rewriting the pages below is safe
+            keys = torch.cat([kh.to(device=kc.device, dtype=kc.dtype), kc], dim=2)
+            values = torch.cat([vh.to(device=vc.device, dtype=vc.dtype), vc], dim=2)
+        else:
+            keys, values = kc, vc
+        ctx = SelectionContext(layer=layer, scale=g.scale, side=self.cfg.patch_nums[g.scale], hist_len=hist,
+                               capacity=keep, softmax_scale=float(self.softmax_scales[layer]), seqs=tuple(seqs))
+        chosen = policy.select(ctx, qc, keys)
+        if chosen is None:  # an observing policy that evicts nothing at this scale
+            if keep != keys.shape[2]:
+                raise ValueError(f"policy {policy.name!r} kept everything but the plan keeps {keep} of "
+                                 f"{keys.shape[2]} tokens")
+            self._store(layer, seqs, [hist] * len(seqs), kc.transpose(1, 2), vc.transpose(1, 2))
+            return
+        s, h, _n, d = keys.shape
+        if tuple(chosen.shape) != (s, h, keep):
+            raise ValueError(f"policy {policy.name!r} returned indices {tuple(chosen.shape)}, expected {(s, h, keep)}")
+        gidx = chosen.to(keys.device).unsqueeze(-1).expand(s, h, keep, d)
+        self._store(layer, seqs, [0] * len(seqs), keys.gather(2, gidx).transpose(1, 2),
+                    values.gather(2, gidx).transpose(1, 2))
 
     # ----- one step ---------------------------------------------------------------------------
     @torch.no_grad()

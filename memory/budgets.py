@@ -1,0 +1,324 @@
+"""Token budgets per (scale, layer) for a target ``kv_budget``: the ``KVPlan`` of each policy.
+
+``kv_budget`` is a fraction with the paper's meaning: the average number of tokens a layer
+retains is ``U = round(kv_budget * T)``, where ``T`` is the number of tokens cached just before
+the final scale (VAR-256: 424 of 680). Leading scales stay whole while their cumulative cache
+fits in ``U``; from the first scale whose cache exceeds ``U`` on, every scale keeps exactly
+``layers * U`` tokens in total, split between layers according to the policy:
+
+- ``uniform_plan`` (sliding, streaming, h2o, snapkv): every layer keeps ``U``.
+- ``pyramid_plan`` (pyramidkv): linearly decreasing with depth, mean ``U``.
+- ``scalekv_plan``: per scale, the profile's drafters keep (nearly) all they have and refiners
+  share the rest; optionally the paper's linearly decaying refiner budget (``delta``).
+
+A layer can never keep more than it holds: its history plus the current scale. Whatever one
+layer cannot take is handed to the others (water filling), so the total stays exact. ``align``
+hands out tokens in whole pages where possible in the splits that are unequal by design
+(scalekv, pyramidkv), which makes their page count (what the pool actually pays) close to
+``layers * U / block_size`` instead of paying a partial page per layer; the uniform baselines
+keep exactly U per layer, as defined. Nothing is kept after the last scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .manager import KVPlan
+from .profile import ScaleProfile
+
+__all__ = [
+    "BudgetSettings",
+    "LayerwisePlan",
+    "budget_plan",
+    "check_plan",
+    "compressed_scales",
+    "cumulative_lengths",
+    "pyramid_plan",
+    "reference_length",
+    "scalekv_plan",
+    "uniform_plan",
+    "uniform_tokens",
+    "water_fill",
+]
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """Knobs of the budget split (shared by every policy so that comparisons are fair)."""
+
+    kv_budget: float = 0.1
+    window_size: int = 16  # refiners (and pyramid's deepest layers) keep at least this many tokens
+    delta: float | None = None  # scalekv: refiner budget U - delta * j at the j-th compressed scale
+    pyramid_beta: float = 20.0  # pyramidkv: the last layer gets U / beta (at least window_size)
+    align: int = 1  # hand out tokens in multiples of this (the pool's block_size)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kv_budget <= 1:
+            raise ValueError(f"kv_budget: must be a fraction in (0, 1], got {self.kv_budget}")
+        if self.window_size < 1:
+            raise ValueError(f"window_size: must be >= 1, got {self.window_size}")
+        if self.delta is not None and self.delta < 0:
+            raise ValueError(f"delta: must be >= 0 (or None for drafters-keep-all), got {self.delta}")
+        if self.pyramid_beta < 1:
+            raise ValueError(f"pyramid_beta: must be >= 1, got {self.pyramid_beta}")
+        if self.align < 1:
+            raise ValueError(f"align: must be >= 1, got {self.align}")
+
+
+# ------------------------------------------------------------------------ schedule helpers
+def cumulative_lengths(patch_nums: Sequence[int]) -> list[int]:
+    """Tokens cached after each scale with the full cache: 1, 5, 14, ... for VAR-256."""
+    out, acc = [], 0
+    for p in patch_nums:
+        acc += p * p
+        out.append(acc)
+    return out
+
+
+def reference_length(patch_nums: Sequence[int]) -> int:
+    """T: the tokens a full-cache layer holds while the final scale runs."""
+    cum = cumulative_lengths(patch_nums)
+    return cum[-2] if len(cum) > 1 else cum[0]
+
+
+def uniform_tokens(patch_nums: Sequence[int], kv_budget: float) -> int:
+    """U: the average tokens a layer retains under ``kv_budget`` (at least 1)."""
+    return max(1, round(kv_budget * reference_length(patch_nums)))
+
+
+def compressed_scales(patch_nums: Sequence[int], kv_budget: float) -> list[int]:
+    """Scales after which the cache is compressed (all but the last, once the cache exceeds U)."""
+    u = uniform_tokens(patch_nums, kv_budget)
+    cum = cumulative_lengths(patch_nums)
+    return [si for si in range(len(patch_nums) - 1) if cum[si] > u]
+
+
+# ------------------------------------------------------------------------- water filling
+def _level_fill(total: int, caps: Sequence[int]) -> list[int]:
+    """Split ``total`` as equally as possible with ``alloc[i] <= caps[i]`` (extra units go to
+    the lowest indices); returns ``caps`` when they sum to less than ``total``."""
+    n = len(caps)
+    if total >= sum(caps):
+        return list(caps)
+    alloc = [0] * n
+    remaining, left = total, n
+    order = sorted(range(n), key=lambda i: (caps[i], i))
+    for pos, i in enumerate(order):
+        share = remaining // left
+        if caps[i] <= share:
+            alloc[i] = caps[i]
+            remaining -= caps[i]
+            left -= 1
+            continue
+        rest = sorted(order[pos:])
+        extra = remaining - share * len(rest)
+        for j in rest:  # cap > share here, so share + 1 still fits
+            alloc[j] = share + (1 if extra > 0 else 0)
+            extra -= 1
+        break
+    return alloc
+
+
+def water_fill(total: int, caps: Sequence[int], align: int = 1) -> list[int]:
+    """Distribute ``total`` tokens over entries with capacities ``caps``, as equally as possible.
+
+    With ``align > 1`` the equal split is done in whole units of ``align`` tokens and the
+    remainder (less than one unit per entry) is packed greedily into as few entries as
+    possible, so that the split wastes few partial pages. Raises if ``total > sum(caps)``.
+    """
+    if total < 0 or any(c < 0 for c in caps):
+        raise ValueError(f"water_fill: total and caps must be >= 0, got {total} and {list(caps)}")
+    if total > sum(caps):
+        raise ValueError(f"water_fill: cannot place {total} tokens in capacities summing to {sum(caps)}")
+    units = _level_fill(total // align, [c // align for c in caps])
+    alloc = [u * align for u in units]
+    rem = total - sum(alloc)
+    for i, c in enumerate(caps):
+        if rem == 0:
+            break
+        add = min(rem, c - alloc[i])
+        alloc[i] += add
+        rem -= add
+    return alloc
+
+
+def _fill_up(alloc: list[int], total: int, caps: Sequence[int], align: int) -> list[int]:
+    """Top ``alloc`` up to ``total`` using the headroom left under ``caps``."""
+    missing = total - sum(alloc)
+    if missing <= 0:
+        return alloc
+    extra = water_fill(missing, [c - a for a, c in zip(alloc, caps)], align)
+    return [a + e for a, e in zip(alloc, extra)]
+
+
+# ------------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class LayerwisePlan(KVPlan):
+    """A ``KVPlan`` whose peak accounts for the runner compressing **layer by layer**.
+
+    ``KVPlan.peak_pages`` charges every layer max(history, kept) at once. The runner, however,
+    rewrites a layer's pages right after that layer's attention, before the next layer runs:
+    while layer ``l`` holds max(history, kept), layers before it already hold their (new) kept
+    set and layers after it still hold their history. With scalekv the drafter role moves
+    between layers from one scale to the next (one layer shrinks while another grows), so the
+    exact bound is noticeably lower than the simultaneous one. Both CFG sequences of a request
+    follow the same plan and are at the same layer at any moment, so twice this per-sequence
+    peak bounds the request.
+    """
+
+    def step_pages(self, si: int, block_size: int) -> int:
+        """Most pages one sequence holds at any moment while scale ``si`` runs."""
+        before = [-(-self.history(si, la) // block_size) for la in range(self.num_layers)]
+        after = [-(-self.kept[si][la] // block_size) for la in range(self.num_layers)]
+        peak = held = sum(before)
+        for la in range(self.num_layers):
+            peak = max(peak, held - before[la] + max(before[la], after[la]))
+            held += after[la] - before[la]
+        return max(peak, held)
+
+    def peak_pages(self, block_size: int) -> int:
+        return max(self.step_pages(si, block_size) for si in range(self.num_scales))
+
+    def peak_tokens(self) -> int:
+        return self.peak_pages(1)
+
+
+def _build(name: str, patch_nums: Sequence[int], depth: int, settings: BudgetSettings, split,
+           drafters_of=None) -> KVPlan:
+    """Shared skeleton: whole leading scales, ``split(si, j, avail) -> per-layer kept`` at the
+    j-th compressed scale, nothing after the last scale."""
+    lengths = [p * p for p in patch_nums]
+    cum = cumulative_lengths(patch_nums)
+    u = uniform_tokens(patch_nums, settings.kv_budget)
+    kept: list[tuple[int, ...]] = []
+    drafters: list[tuple[int, ...]] = []
+    j = 0
+    for si, n in enumerate(lengths):
+        if si == len(lengths) - 1:
+            kept.append((0,) * depth)
+            drafters.append(())
+            continue
+        hist = kept[-1] if kept else (0,) * depth
+        if cum[si] <= u:
+            kept.append((cum[si],) * depth)
+            drafters.append(())
+            continue
+        avail = [h + n for h in hist]
+        row = split(si, j, avail, u)
+        if sum(row) != depth * u or any(not 0 <= r <= a for r, a in zip(row, avail)):
+            raise AssertionError(f"{name}: bad split at scale {si}: {row} (avail {avail}, target {depth * u})")
+        kept.append(tuple(row))
+        drafters.append(tuple(drafters_of(si)) if drafters_of else ())
+        j += 1
+    return LayerwisePlan(name=name, kept=tuple(kept), drafters=tuple(drafters))
+
+
+def uniform_plan(patch_nums: Sequence[int], depth: int, settings: BudgetSettings, name: str = "uniform") -> KVPlan:
+    """Every layer keeps U tokens at every compressed scale (sliding, streaming, h2o, snapkv)."""
+
+    def split(si: int, j: int, avail: list[int], u: int) -> list[int]:
+        return water_fill(depth * u, avail)  # not page-aligned: equal budgets are the baseline's definition
+
+    return _build(name, patch_nums, depth, settings, split)
+
+
+def pyramid_plan(patch_nums: Sequence[int], depth: int, settings: BudgetSettings, name: str = "pyramidkv") -> KVPlan:
+    """PyramidKV: budgets decrease linearly with depth, from ``2U - b_min`` (layer 0) down to
+    ``b_min = max(U / beta, window)`` (last layer); mean U."""
+
+    def split(si: int, j: int, avail: list[int], u: int) -> list[int]:
+        floor = min(settings.window_size, u)
+        b_min = min(float(u), max(u / settings.pyramid_beta, floor))
+        b_max = 2 * u - b_min
+        targets = [b_max - (b_max - b_min) * la / max(depth - 1, 1) for la in range(depth)]
+        ints = [int(t) for t in targets]
+        order = sorted(range(depth), key=lambda la: -(targets[la] - ints[la]))
+        for la in order[: depth * u - sum(ints)]:
+            ints[la] += 1
+        row = [min(t, a) for t, a in zip(ints, avail)]
+        return _fill_up(row, depth * u, avail, settings.align)
+
+    return _build(name, patch_nums, depth, settings, split)
+
+
+def scalekv_plan(profile: ScaleProfile, settings: BudgetSettings, name: str = "scalekv") -> KVPlan:
+    """ScaleKV: at each compressed scale ``N_d * B_d + N_r * B_r = layers * U``.
+
+    The cache kept after scale ``si`` is read by scale ``si + 1``, so its split follows the
+    profile's drafters of scale ``si + 1``. With ``delta`` None drafters keep everything they
+    hold (history + current) as long as every refiner keeps at least ``window_size`` tokens;
+    refiners share the rest equally. With ``delta`` the refiner budget decays linearly,
+    ``B_r = max(window, U - delta * j)``, and drafters share what refiners leave (``delta`` 0
+    is the uniform split).
+
+    Shallow models hit the refiner floor: on var-tiny (8 layers, U = 42 at 10%) the whole
+    budget is 336 tokens, so a drafter gets at most 336 - 7 x 16 = 224 tokens, not all 424 it
+    could hold. A layer that becomes a drafter only holds what it kept as a refiner plus the
+    current map, so "keeps all it holds" is as much as it can get.
+    """
+    depth, patch_nums = profile.depth, profile.patch_nums
+    align = settings.align
+
+    def split(si: int, j: int, avail: list[int], u: int) -> list[int]:
+        total = depth * u
+        dr = set(profile.drafters[si + 1])
+        d_idx = [la for la in range(depth) if la in dr]
+        r_idx = [la for la in range(depth) if la not in dr]
+        floor = min(settings.window_size, u)
+        row = [0] * depth
+        if settings.delta is None:
+            ref_floor = sum(min(floor, avail[la]) for la in r_idx)
+            d_alloc = water_fill(min(total - ref_floor, sum(avail[la] for la in d_idx)),
+                                 [avail[la] for la in d_idx], align)
+            for la, b in zip(d_idx, d_alloc):
+                row[la] = b
+            r_alloc = water_fill(min(total - sum(d_alloc), sum(avail[la] for la in r_idx)),
+                                 [avail[la] for la in r_idx], align)
+            for la, b in zip(r_idx, r_alloc):
+                row[la] = b
+        else:
+            b_r = max(floor, round(u - settings.delta * j)) if d_idx else u
+            for la in r_idx:
+                row[la] = min(b_r, avail[la])
+            d_alloc = water_fill(min(total - sum(row), sum(avail[la] for la in d_idx)),
+                                 [avail[la] for la in d_idx], align)
+            for la, b in zip(d_idx, d_alloc):
+                row[la] = b
+        return _fill_up(row, total, avail, align)
+
+    return _build(name, patch_nums, depth, settings, split, drafters_of=lambda si: profile.drafters[si + 1])
+
+
+def budget_plan(policy: str, patch_nums: Sequence[int], depth: int, settings: BudgetSettings,
+                profile: ScaleProfile | None = None) -> KVPlan:
+    """The plan a named policy runs under (``full`` ignores the budget)."""
+    from .policies import PLAN_KINDS
+
+    kind = PLAN_KINDS.get(policy)
+    if kind is None:
+        raise ValueError(f"policy: unknown policy {policy!r} (available: {', '.join(sorted(PLAN_KINDS))})")
+    if kind == "full" or settings.kv_budget >= 1.0:
+        return uniform_plan(patch_nums, depth, BudgetSettings(kv_budget=1.0), name=policy)
+    if kind == "uniform":
+        return uniform_plan(patch_nums, depth, settings, name=policy)
+    if kind == "pyramid":
+        return pyramid_plan(patch_nums, depth, settings, name=policy)
+    if profile is None:
+        raise ValueError(f"policy {policy!r} needs a scale profile")
+    return scalekv_plan(profile, settings, name=policy)
+
+
+def check_plan(plan: KVPlan, patch_nums: Sequence[int]) -> None:
+    """Raise ValueError if a plan keeps tokens a layer cannot hold (more than its history plus
+    the current scale) or keeps anything after the last scale."""
+    lengths = [p * p for p in patch_nums]
+    if plan.num_scales != len(lengths):
+        raise ValueError(f"plan {plan.name!r}: {plan.num_scales} scales, the model has {len(lengths)}")
+    for si, row in enumerate(plan.kept):
+        for la, k in enumerate(row):
+            if not 0 <= k <= plan.history(si, la) + lengths[si]:
+                raise ValueError(f"plan {plan.name!r}: scale {si} layer {la} keeps {k} tokens, it holds "
+                                 f"{plan.history(si, la) + lengths[si]}")
+    if any(plan.kept[-1]):
+        raise ValueError(f"plan {plan.name!r}: keeps tokens after the last scale")

@@ -1,0 +1,168 @@
+"""Calibration: measure which (layer, scale) pairs are drafters and write a ``ScaleProfile``.
+
+A few requests run with the full cache through the reference loop; an attend callback looks at
+the post-softmax attention of sampled current-scale queries of every (layer, scale) and computes
+the paper's Attention Selectivity Index
+
+    ASI = E_q[ mass on the current map ] x E_q[ sum of the K' largest history weights ]
+
+High ASI: the layer stays on the current map or picks a few sharp history tokens (a refiner,
+cheap to compress). Low ASI: attention is spread over the history (a drafter, needs it). Raw
+ASI depends on how many tokens a scale has, so it is z-scored within each scale and all
+(layer, scale) pairs are ranked globally; the ``num_drafters`` lowest become drafters. So a
+scale may have several drafters or none.
+
+Everything is seeded (request seeds, query sampling) and runs in float32, so the same command
+writes the same profile. Scale 0 has no history and is not ranked.
+
+Choices the paper leaves open, made here: K' = ``max(1, round(topk_ratio * history))`` (the
+paper does not give K'; a fraction keeps the index comparable across scales of very different
+history length), both CFG branches count (both are compressed), and ASI averages heads (the
+budget is per layer).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.models.registry import LoadedModel
+from engine.reference import ContiguousKVCache, autocast_for
+from engine.requests import GenerationRequest
+from engine.sampling import make_generator, sample_scale
+
+from .profile import CalibrationSettings, ScaleProfile
+
+__all__ = ["ASIRecorder", "calibrate", "rank_drafters", "timed_calibrate", "zscore_within_scales"]
+
+
+class ASIRecorder(ContiguousKVCache):
+    """The reference cache, also recording the two ASI factors per (scale, layer)."""
+
+    def __init__(self, model: LoadedModel, num_queries: int, topk_ratio: float, seed: int) -> None:
+        super().__init__(model)
+        cfg = model.spec.var
+        self.num_queries, self.topk_ratio = num_queries, topk_ratio
+        self.scale_index = 0
+        k, depth = cfg.num_scales, cfg.depth
+        self.current_mass = torch.zeros(k, depth, dtype=torch.float64)
+        self.history_topk = torch.zeros(k, depth, dtype=torch.float64)
+        self.calls = torch.zeros(k, depth, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(seed)
+        # the same sampled query positions for every layer and request of a scale
+        self.queries = [torch.randperm(n, generator=gen)[: num_queries].sort().values for n in cfg.scale_lengths()]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        hist = 0 if self.k[layer] is None else self.k[layer].shape[2]
+        out = super().attend(layer, q, k, v)
+        if hist == 0:
+            return out
+        si = self.scale_index
+        qs = q[:, :, self.queries[si].to(q.device)].float()
+        keys = self.k[layer].float()
+        probs = (qs @ keys.transpose(-1, -2) * self.scales[layer]).softmax(dim=-1)  # [B, H, nq, hist + Lq]
+        kk = min(hist, max(1, round(self.topk_ratio * hist)))
+        self.current_mass[si, layer] += float(probs[..., hist:].sum(-1).mean())
+        self.history_topk[si, layer] += float(probs[..., :hist].topk(kk, dim=-1).values.sum(-1).mean())
+        self.calls[si, layer] += 1
+        return out
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.calls.clamp_min(1)
+        return self.current_mass / n, self.history_topk / n
+
+
+def zscore_within_scales(asi: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(ASI - mean over layers) / (std over layers + eps), per scale; scale 0 stays 0."""
+    z = torch.zeros_like(asi)
+    rows = asi[1:]
+    z[1:] = (rows - rows.mean(dim=1, keepdim=True)) / (rows.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return z
+
+
+def rank_drafters(z: torch.Tensor, num_drafters: int) -> list[list[int]]:
+    """The ``num_drafters`` (scale, layer) pairs with the lowest z (scale 0 excluded; ties
+    broken by scale then layer, so the result is deterministic); per scale, sorted layers."""
+    k, depth = z.shape
+    pairs = sorted((float(z[si, la]), si, la) for si in range(1, k) for la in range(depth))
+    out: list[list[int]] = [[] for _ in range(k)]
+    for _z, si, la in pairs[:num_drafters]:
+        out[si].append(la)
+    return [sorted(x) for x in out]
+
+
+@torch.no_grad()
+def calibrate(
+    model: LoadedModel,
+    num_requests: int = 10,
+    seed: int = 0,
+    num_queries: int = 64,
+    topk_ratio: float = 0.1,
+    num_drafters: int | None = None,
+    dtype: str = "float32",
+) -> ScaleProfile:
+    """Run ``num_requests`` full-cache requests (classes 0, 1, ..., seeds seed, seed+1, ...,
+    the model's default sampling) and derive the profile. ``num_drafters`` defaults to one per
+    scale that has a history (``num_scales - 1``)."""
+    spec = model.spec
+    cfg = spec.var
+    if num_requests < 1:
+        raise ValueError(f"num_requests: must be >= 1, got {num_requests}")
+    if num_queries < 1:
+        raise ValueError(f"num_queries: must be >= 1, got {num_queries}")
+    if not 0 < topk_ratio <= 1:
+        raise ValueError(f"topk_ratio: must be in (0, 1], got {topk_ratio}")
+    pairs = (cfg.num_scales - 1) * cfg.depth
+    n_d = cfg.num_scales - 1 if num_drafters is None else num_drafters
+    if not 0 <= n_d <= pairs:
+        raise ValueError(f"num_drafters: must be in 0..{pairs} ((scales - 1) x layers), got {n_d}")
+    reqs = [GenerationRequest(class_label=i % cfg.num_classes, seed=seed + i, cfg=spec.default_cfg,
+                              top_k=spec.default_top_k, top_p=spec.default_top_p) for i in range(num_requests)]
+    var, vae = model.var, model.vae
+    device = next(var.parameters()).device
+    b = len(reqs)
+    rec = ASIRecorder(model, num_queries, topk_ratio, seed)
+    labels = torch.tensor([r.class_label for r in reqs] + [cfg.num_classes] * b, device=device)
+    gens = [make_generator(r.seed) for r in reqs]
+    side = spec.vae.patch_nums[-1]
+    f_hat = torch.zeros(b, spec.vae.z_channels, side, side, device=device)
+    nxt = None
+    with autocast_for(dtype, device):
+        cond = var.condition(labels)
+        for si in range(cfg.num_scales):
+            rec.scale_index = si
+            x = var.embed_scale(si, cond, None if si == 0 else torch.cat((nxt, nxt)))
+            logits = var.logits(var.run_blocks(x, cond, rec.attend), cond)
+            idx = sample_scale(logits[:b], logits[b:], reqs, gens, si, cfg.num_scales).to(device)
+            f_hat, nxt = vae.quantize.advance(f_hat, si, idx)
+    cur, top = rec.factors()
+    asi = cur * top
+    z = zscore_within_scales(asi)
+    drafters = rank_drafters(z, n_d)
+    settings = CalibrationSettings(num_requests=num_requests, seed=seed, num_queries=num_queries,
+                                   topk_ratio=topk_ratio, num_drafters=n_d, cfg=float(spec.default_cfg),
+                                   top_k=int(spec.default_top_k), top_p=float(spec.default_top_p), dtype=dtype,
+                                   weights=_portable_source(model.source))
+
+    def table(t: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(round(float(x), 8) for x in row) for row in t.tolist())  # as stored in JSON
+
+    return ScaleProfile(model=spec.name, patch_nums=tuple(cfg.patch_nums), depth=cfg.depth,
+                        drafters=tuple(tuple(d) for d in drafters), asi=table(asi), zscore=table(z),
+                        current_mass=table(cur), history_topk=table(top), settings=settings)
+
+
+def _portable_source(source: str) -> str:
+    """The weights' source without this checkout's absolute path (profiles are shipped)."""
+    from engine.models.registry import WEIGHTS_DIR
+
+    return source.replace(str(WEIGHTS_DIR.parent.parent.parent) + "/", "")
+
+
+def timed_calibrate(model: LoadedModel, **kw) -> tuple[ScaleProfile, float]:
+    """``calibrate`` and its wall time in seconds (reported, not stored: the profile is
+    deterministic)."""
+    t0 = time.perf_counter()
+    prof = calibrate(model, **kw)
+    return prof, time.perf_counter() - t0

@@ -1,0 +1,298 @@
+"""KV selection policies: which of a layer's (history + current) tokens survive a scale.
+
+All policies share one interface, called by the runner right after a layer's attention at a
+scale whose plan keeps fewer tokens than the layer holds (``SelectionPolicy.select``). It gets
+the layer's real queries of the current scale (L2-normalised, scaled, with biases: exactly what
+attention used) and all candidate keys, history first, and returns for every sequence and head
+the sorted indices of the ``capacity`` tokens to keep. Heads keep equal counts so that one page
+slot holds one token of every head (each head may keep a different token there: VAR has no
+RoPE, positions are baked into the inputs, so a key does not need to know where it came from).
+
+Policies (and the budget split they run under, see ``memory.budgets``):
+
+- ``full``: keeps everything (the full plan).
+- ``sliding``: the most recent ``capacity`` tokens (Longformer-style window).
+- ``streaming``: attention sinks (the first tokens) + the most recent (StreamingLLM).
+- ``h2o``: heavy hitters by attention accumulated over all queries of all scales so far, plus
+  the most recent tokens (H2O); keeps per-(sequence, layer) scores as state.
+- ``snapkv``: uniform budget; the last ``window`` current tokens are the observation window.
+- ``pyramidkv``: SnapKV selection under budgets that decrease with depth.
+- ``scalekv``: the scale profile's drafter/refiner budgets; the window is the centre token of
+  each cell of a sqrt(W) x sqrt(W) grid over the current map (spatial coverage).
+
+Window scoring (snapkv, pyramidkv, scalekv): every candidate's score is the post-softmax
+attention the window queries give it, summed over the window, smoothed by 1-D pooling along the
+token order; the window tokens are always kept, the rest are the top scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PLAN_KINDS",
+    "POLICIES",
+    "SelectionContext",
+    "SelectionPolicy",
+    "grid_window",
+    "last_window",
+    "make_policy",
+    "pool_scores",
+    "topk_keep",
+    "window_scores",
+]
+
+# policy name -> how its budgets are split (memory.budgets.budget_plan)
+PLAN_KINDS: dict[str, str] = {
+    "full": "full",
+    "sliding": "uniform",
+    "streaming": "uniform",
+    "h2o": "uniform",
+    "snapkv": "uniform",
+    "pyramidkv": "pyramid",
+    "scalekv": "scalekv",
+}
+POLICIES = tuple(PLAN_KINDS)
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What a policy knows about one selection call (all sequences share it)."""
+
+    layer: int
+    scale: int
+    side: int  # the current map is side x side tokens
+    hist_len: int  # history tokens per sequence (candidates 0..hist_len-1)
+    capacity: int  # tokens to keep per sequence and head
+    softmax_scale: float
+    seqs: tuple[int, ...] = ()
+
+    @property
+    def num_candidates(self) -> int:
+        return self.hist_len + self.side * self.side
+
+
+# ----------------------------------------------------------------------------- windows
+def grid_window(side: int, window_size: int) -> torch.Tensor:
+    """Row-major positions in a ``side x side`` map of the centre token of each cell of a
+    ``g x g`` grid (``g = sqrt(window_size)``); all positions when the map is not larger than
+    the grid (every token is then its own cell)."""
+    g = math.isqrt(window_size)
+    if g * g != window_size:
+        raise ValueError(f"window_size: must be a perfect square for the grid window, got {window_size}")
+    if side <= g:
+        return torch.arange(side * side)
+    bounds = [i * side // g for i in range(g + 1)]
+    centres = [(bounds[i] + bounds[i + 1] - 1) // 2 for i in range(g)]
+    return torch.tensor([r * side + c for r in centres for c in centres])
+
+
+def last_window(side: int, window_size: int) -> torch.Tensor:
+    """The last ``window_size`` positions of the map in raster order (SnapKV's window)."""
+    n = side * side
+    return torch.arange(max(0, n - window_size), n)
+
+
+# ----------------------------------------------------------------------------- scoring
+def window_scores(q_win: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Post-softmax attention of the window queries ``[S, H, W, D]`` over ``keys`` ``[S, H, N, D]``,
+    summed over the window: ``[S, H, N]`` in float32."""
+    logits = torch.matmul(q_win.float(), keys.float().transpose(-1, -2)) * softmax_scale
+    return logits.softmax(dim=-1).sum(dim=2)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    """1-D pooling (stride 1, same length) along the token order of ``[S, H, N]`` scores: keeps
+    neighbours of strongly attended tokens, which preserves local structure."""
+    if kernel <= 1:
+        return scores
+    s, h, n = scores.shape
+    x = scores.reshape(s * h, 1, n)
+    if pooling == "max":
+        x = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    elif pooling == "avg":
+        x = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    else:
+        raise ValueError(f"pooling: expected 'max' or 'avg', got {pooling!r}")
+    return x[..., :n].reshape(s, h, n)
+
+
+def topk_keep(scores: torch.Tensor, forced: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Indices ``[S, H, capacity]`` (sorted) of the ``forced`` positions plus the top scores.
+
+    When there are at least ``capacity`` forced positions, the first ``capacity`` of them."""
+    s, h, n = scores.shape
+    if not 0 < capacity <= n:
+        raise ValueError(f"capacity {capacity} outside 1..{n}")
+    forced = forced.to(device=scores.device, dtype=torch.long)
+    if forced.numel() >= capacity:
+        return forced[:capacity].sort().values.expand(s, h, -1).contiguous()
+    ranked = torch.nan_to_num(scores.float(), nan=0.0, posinf=3.0e38, neginf=-3.0e38)
+    if forced.numel():
+        ranked[..., forced] = float("inf")
+    idx = ranked.topk(capacity, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values
+
+
+# ----------------------------------------------------------------------------- policies
+class SelectionPolicy:
+    """Base class. ``observes_every_step``: the runner calls ``select`` at every scale (even
+    when nothing is evicted), for policies that accumulate state; ``select`` may then return
+    None to mean "keep everything" (only allowed when capacity == number of candidates)."""
+
+    name = "base"
+    observes_every_step = False
+
+    def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def release(self, seq: int) -> None:
+        """Forget any state of a finished (or failed) sequence."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class FullPolicy(SelectionPolicy):
+    name = "full"
+
+    def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+        if ctx.capacity != keys.shape[2]:
+            raise ValueError(f"policy 'full' cannot keep {ctx.capacity} of {keys.shape[2]} tokens")
+        return None
+
+
+class SlidingPolicy(SelectionPolicy):
+    name = "sliding"
+
+    def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        s, h, n, _ = keys.shape
+        idx = torch.arange(n - ctx.capacity, n, device=keys.device)
+        return idx.expand(s, h, -1).contiguous()
+
+
+class StreamingPolicy(SelectionPolicy):
+    name = "streaming"
+
+    def __init__(self, num_sinks: int = 4) -> None:
+        self.num_sinks = num_sinks
+
+    def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        s, h, n, _ = keys.shape
+        sinks = min(self.num_sinks, ctx.capacity)
+        recent = ctx.capacity - sinks
+        idx = torch.cat([torch.arange(sinks), torch.arange(n - recent, n)]).to(keys.device)
+        return idx.expand(s, h, -1).contiguous()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "num_sinks": self.num_sinks}
+
+
+class H2OPolicy(SelectionPolicy):
+    """Heavy hitters: the attention every kept token has received from all queries of all
+    scales so far (per sequence, layer and head), plus a recent window."""
+
+    name = "h2o"
+    observes_every_step = True
+
+    def __init__(self, recent_ratio: float = 0.5) -> None:
+        self.recent_ratio = recent_ratio
+        self._acc: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> [H, kept] scores
+
+    def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+        s, h, n, _ = keys.shape
+        cur = torch.zeros(s, h, n, dtype=torch.float32, device=keys.device)
+        for c in range(0, q.shape[2], 256):  # chunked: [S, H, 256, N] at most
+            cur += window_scores(q[:, :, c : c + 256], keys, ctx.softmax_scale)
+        prev = []
+        for seq in ctx.seqs:
+            acc = self._acc.get((seq, ctx.layer))
+            if acc is None:
+                acc = torch.zeros(h, 0, device=keys.device)
+            if acc.shape[1] != ctx.hist_len:
+                raise RuntimeError(f"h2o: state of sequence {seq} layer {ctx.layer} has {acc.shape[1]} tokens, "
+                                   f"history has {ctx.hist_len}")
+            prev.append(acc)
+        total = cur + F.pad(torch.stack(prev), (0, n - ctx.hist_len))
+        if ctx.capacity >= n:
+            for j, seq in enumerate(ctx.seqs):
+                self._acc[(seq, ctx.layer)] = total[j]
+            return None
+        recent = min(ctx.capacity, int(ctx.capacity * self.recent_ratio))
+        idx = topk_keep(total, torch.arange(n - recent, n), ctx.capacity)
+        kept = total.gather(2, idx)
+        for j, seq in enumerate(ctx.seqs):
+            self._acc[(seq, ctx.layer)] = kept[j]
+        return idx
+
+    def release(self, seq: int) -> None:
+        for key in [k for k in self._acc if k[0] == seq]:
+            del self._acc[key]
+
+    @property
+    def num_tracked(self) -> int:
+        return len(self._acc)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "recent_ratio": self.recent_ratio}
+
+
+class WindowPolicy(SelectionPolicy):
+    """SnapKV-style window scoring; ``window`` is ``"last"`` (SnapKV, PyramidKV) or ``"grid"``
+    (ScaleKV)."""
+
+    def __init__(self, name: str, window: str, window_size: int = 16, pool_kernel: int = 5,
+                 pooling: str = "max") -> None:
+        if window not in ("last", "grid"):
+            raise ValueError(f"window: expected 'last' or 'grid', got {window!r}")
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling: expected 'max' or 'avg', got {pooling!r}")
+        if pool_kernel < 1 or pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel: must be an odd number >= 1, got {pool_kernel}")
+        if window_size < 1:
+            raise ValueError(f"window_size: must be >= 1, got {window_size}")
+        if window == "grid":
+            grid_window(4, window_size)  # validates the perfect square early
+        self.name, self.window = name, window
+        self.window_size, self.pool_kernel, self.pooling = window_size, pool_kernel, pooling
+        self._windows: dict[int, torch.Tensor] = {}
+
+    def window_positions(self, side: int) -> torch.Tensor:
+        """Window positions within the current map (cached per map side)."""
+        if side not in self._windows:
+            fn = grid_window if self.window == "grid" else last_window
+            self._windows[side] = fn(side, self.window_size)
+        return self._windows[side]
+
+    def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        win = self.window_positions(ctx.side).to(q.device)
+        scores = window_scores(q[:, :, win], keys, ctx.softmax_scale)
+        forced = win + ctx.hist_len
+        scores[..., forced] = 0.0  # the window is kept anyway: do not let it inflate its neighbours
+        scores = pool_scores(scores, self.pool_kernel, self.pooling)
+        return topk_keep(scores, forced, ctx.capacity)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "window": self.window, "window_size": self.window_size,
+                "pool_kernel": self.pool_kernel, "pooling": self.pooling}
+
+
+def make_policy(name: str, window_size: int = 16, pool_kernel: int = 5, pooling: str = "max") -> SelectionPolicy:
+    """A fresh policy object by name (stateful ones keep per-sequence state: one per engine)."""
+    if name == "full":
+        return FullPolicy()
+    if name == "sliding":
+        return SlidingPolicy()
+    if name == "streaming":
+        return StreamingPolicy()
+    if name == "h2o":
+        return H2OPolicy()
+    if name in ("snapkv", "pyramidkv"):
+        return WindowPolicy(name, "last", window_size, pool_kernel, pooling)
+    if name == "scalekv":
+        return WindowPolicy(name, "grid", window_size, pool_kernel, pooling)
+    raise ValueError(f"policy: unknown policy {name!r} (available: {', '.join(POLICIES)})")

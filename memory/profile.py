@@ -1,0 +1,185 @@
+"""The per-model **scale profile**: which layers are drafters at each scale, and why.
+
+ScaleKV gives each (scale, layer) the cache its role needs: *drafters* spread attention over
+earlier scales and keep (nearly) their whole history, *refiners* look at the current map and
+share what is left of the budget. Which layers are which is a property of the trained weights,
+measured once by calibration (``memory.calibrate``) and stored as JSON beside the checkpoint
+(``engine/models/weights/<model>/scale_profile.json``).
+
+Indexing: ``drafters[k]`` are the layers that are drafters **when scale k reads its history**.
+The budget of the cache a layer keeps after scale ``k - 1`` therefore follows ``drafters[k]``
+(the reader's role), as in the released ScaleKV budget files. Scale 0 has no history, so
+``drafters[0]`` is always empty.
+
+A profile is only meaningful for the model it was measured on: loading validates the model
+name, the scale schedule and the depth, and refuses a mismatch with an error naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROFILE_VERSION = 1
+PROFILE_FILE = "scale_profile.json"
+
+
+class ProfileMismatchError(ValueError):
+    """A scale profile was measured on a different model, scale schedule or depth."""
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How a profile was measured; stored so that a profile can be reproduced exactly."""
+
+    num_requests: int = 10
+    seed: int = 0  # request seeds seed..seed+n-1 and the query-sampling generator
+    num_queries: int = 64  # current-scale queries sampled per (scale, layer) and request
+    topk_ratio: float = 0.1  # K' = max(1, round(topk_ratio * history length))
+    num_drafters: int = 0  # N_d: (layer, scale) pairs marked as drafters, over all scales
+    cfg: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    dtype: str = "float32"
+    weights: str = ""  # where the model's weights came from (informational)
+
+
+@dataclass(frozen=True)
+class ScaleProfile:
+    """Drafter layers per scale plus the measurements they were derived from.
+
+    ``asi[k][layer]`` is the Attention Selectivity Index, ``zscore[k][layer]`` its z-score within
+    scale k, ``current_mass`` / ``history_topk`` its two factors. Low ASI = attention spread over
+    the history = drafter.
+    """
+
+    model: str
+    patch_nums: tuple[int, ...]
+    depth: int
+    drafters: tuple[tuple[int, ...], ...]
+    asi: tuple[tuple[float, ...], ...] = ()
+    zscore: tuple[tuple[float, ...], ...] = ()
+    current_mass: tuple[tuple[float, ...], ...] = ()
+    history_topk: tuple[tuple[float, ...], ...] = ()
+    settings: CalibrationSettings = field(default_factory=CalibrationSettings)
+    version: int = PROFILE_VERSION
+
+    def __post_init__(self) -> None:
+        k = len(self.patch_nums)
+        if len(self.drafters) != k:
+            raise ValueError(f"drafters: expected one entry per scale ({k}), got {len(self.drafters)}")
+        if self.drafters and self.drafters[0]:
+            raise ValueError("drafters: scale 0 has no history and cannot have drafters")
+        for si, layers in enumerate(self.drafters):
+            bad = [la for la in layers if not 0 <= la < self.depth]
+            if bad:
+                raise ValueError(f"drafters[{si}]: layers {bad} outside 0..{self.depth - 1}")
+            if list(layers) != sorted(set(layers)):
+                raise ValueError(f"drafters[{si}]: layers must be unique and sorted, got {list(layers)}")
+        for name in ("asi", "zscore", "current_mass", "history_topk"):
+            table = getattr(self, name)
+            if table and (len(table) != k or any(len(row) != self.depth for row in table)):
+                raise ValueError(f"{name}: expected a [{k} scales x {self.depth} layers] table")
+
+    # ----- queries ---------------------------------------------------------------------
+    def is_drafter(self, scale: int, layer: int) -> bool:
+        return layer in self.drafters[scale]
+
+    @property
+    def num_drafter_pairs(self) -> int:
+        return sum(len(d) for d in self.drafters)
+
+    # ----- validation ------------------------------------------------------------------
+    def check_matches(self, model: str | None = None, patch_nums: tuple[int, ...] | list[int] | None = None,
+                      depth: int | None = None, source: str = "scale profile") -> None:
+        """Raise ``ProfileMismatchError`` naming the first field that differs from the model
+        (fields passed as None are not checked)."""
+        if model is not None and self.model != model:
+            raise ProfileMismatchError(
+                f"{source}: model is {self.model!r} but the engine runs {model!r}; "
+                f"calibrate one with `scalekv calibrate --model {model} --out PROFILE.json`"
+            )
+        if patch_nums is not None and tuple(self.patch_nums) != tuple(patch_nums):
+            raise ProfileMismatchError(
+                f"{source}: patch_nums (scale schedule) {list(self.patch_nums)} differ from the model's "
+                f"{list(patch_nums)}"
+            )
+        if depth is not None and self.depth != depth:
+            raise ProfileMismatchError(f"{source}: depth is {self.depth} but the model has {depth} layers")
+
+    # ----- (de)serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_nums"] = list(self.patch_nums)
+        d["drafters"] = {str(si): list(layers) for si, layers in enumerate(self.drafters)}
+        for name in ("asi", "zscore", "current_mass", "history_topk"):
+            d[name] = [[round(float(x), 8) for x in row] for row in getattr(self, name)]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "scale profile") -> ScaleProfile:
+        try:
+            version = int(d.get("version", 0))
+            if version != PROFILE_VERSION:
+                raise ValueError(f"version: expected {PROFILE_VERSION}, got {version}")
+            patch_nums = tuple(int(p) for p in d["patch_nums"])
+            raw = d["drafters"]
+            if isinstance(raw, dict):
+                drafters = tuple(tuple(int(x) for x in raw.get(str(si), [])) for si in range(len(patch_nums)))
+            else:
+                drafters = tuple(tuple(int(x) for x in row) for row in raw)
+            tables = {name: tuple(tuple(float(x) for x in row) for row in d.get(name, []))
+                      for name in ("asi", "zscore", "current_mass", "history_topk")}
+            return cls(
+                model=str(d["model"]),
+                patch_nums=patch_nums,
+                depth=int(d["depth"]),
+                drafters=drafters,
+                settings=CalibrationSettings(**d.get("settings", {})),
+                version=version,
+                **tables,
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_format(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path, model: str | None = None, patch_nums: tuple[int, ...] | None = None,
+             depth: int | None = None) -> ScaleProfile:
+        """Read a profile; when the model's name / schedule / depth are given, check them."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"scale profile not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"scale profile {path}: not valid JSON ({e})") from None
+        prof = cls.from_dict(data, source=f"scale profile {path}")
+        prof.check_matches(model, patch_nums, depth, source=f"scale profile {path}")
+        return prof
+
+
+def _format(d: dict) -> str:
+    """JSON with one line per field and per table row (readable diffs of shipped profiles)."""
+    parts = []
+    for key, value in d.items():
+        if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+            rows = ",\n".join(f"  {json.dumps(r)}" for r in value)
+            parts.append(f" {json.dumps(key)}: [\n{rows}\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def shipped_profile_path(model_name: str) -> Path:
+    """Where a model's shipped profile lives (``engine/models/weights/<model>/scale_profile.json``)."""
+    from engine.models.registry import WEIGHTS_DIR
+
+    return WEIGHTS_DIR / model_name / PROFILE_FILE
