@@ -1,0 +1,559 @@
+"""``Scheduler``: the cluster's single front door, a named, detached Ray actor.
+
+It validates jobs, keeps the request queue, routes each request to a worker by free KV pages
+(``routing.py``), tracks what is in flight on every worker, and hands results back to clients
+as they finish (pull: ``get_results(job_id, max_wait)``).
+
+One background thread (the dispatch loop) makes every call to the workers: it sends batches
+(``submit``), keeps one long poll (``poll``) outstanding per live worker, and probes workers
+that failed (``hello``). Client calls (``submit_job``, ``get_results``, ``status``) run on the
+actor's other threads and only touch the queue and job tables under ``_lock``. So a slow client
+never stalls dispatch, and dispatch never waits for a slow worker: it waits on all outstanding
+calls at once with ``ray.wait``.
+
+Fault tolerance. Any ``RayActorError`` from a worker call means its process may be gone: every
+request in flight there goes back to the front of the queue (requests are seeded, so a rerun
+gives the same image) and the worker is probed with ``hello``. A new incarnation id in the
+answer means Ray restarted it (fresh, empty pool): it re-registers and takes new work.
+``ActorDiedError`` on the probe means it is gone for good. Results are deduplicated by
+``(job_id, request_id)``, so a request that ran twice (a call that failed after it ran) is
+returned once (``jobs.JobTable``). A request whose worker died ``max_attempts`` times ends with an error rather than
+taking down every worker in turn. The scheduler itself keeps its state in memory and is not
+restarted: if it dies, resubmit the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .config import NAMESPACE, SchedulerConfig
+from .jobs import Item, JobTable
+from .metrics import SchedulerMetrics
+from .routing import WorkerView, fits_any_when_empty, route
+from .wire import RawRecord, RecordError, parse_records
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.02  # longest the dispatch loop sleeps before looking at the queue again
+PROBE_RETRY_S = 1.0  # wait between probes of a worker that is restarting
+CALL_TIMEOUT_S = 60.0  # synchronous calls to a worker from client threads (page demand, fresh stats)
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class _WorkerRec:
+    name: str
+    handle: Any
+    state: str = "starting"  # starting | alive | suspect | dead
+    incarnation: str | None = None
+    info: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    in_flight: dict = field(default_factory=dict)  # key -> Item (insertion ordered)
+    reserved_pages: int = 0
+    restarts: int = 0
+    error: str | None = None
+    poll_ref: Any = None
+    probe_ref: Any = None
+    next_probe: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+
+def _short(err: BaseException) -> str:
+    """One line for status and logs. A worker whose constructor raised (bad checkpoint path ...)
+    reports the root cause, the last line of the remote traceback, not Ray's generic headline."""
+    lines = [ln for ln in _ANSI_RE.sub("", str(err)).strip().splitlines() if ln.strip()]
+    if getattr(err, "actor_init_failed", False) and lines:
+        return f"worker failed to start: {lines[-1].strip()}"[:400]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+class Scheduler:
+    """Queue, router and result store of a scalekv cluster. See the module docstring."""
+
+    def __init__(self, config: SchedulerConfig, spawn: bool = True) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)  # results, worker state changes
+        self._queue: deque[Item] = deque()
+        self._jobs = JobTable()
+        self._workers: dict[str, _WorkerRec] = {}
+        self._calls: dict[Any, tuple[str, str, str | None, list[Item] | None]] = {}  # outstanding worker calls
+        self._demand_cache: dict[tuple, dict] = {}
+        self._model_info: dict | None = None
+        self._stop = threading.Event()
+        self.counters = {"requests": 0, "requeued": 0, "worker_failures": 0}
+        self._metrics = SchedulerMetrics(config.name)
+        if spawn:
+            self._spawn_workers()
+        self._thread = threading.Thread(target=self._loop, name="scalekv-dispatch", daemon=True)
+        self._thread.start()
+
+    # ----- workers ----------------------------------------------------------------------
+    def _spawn_workers(self) -> None:
+        import ray
+
+        from workers.worker import spawn_worker
+
+        res = ray.cluster_resources()
+        gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+        use_gpus = self.config.use_gpus if self.config.use_gpus is not None else gpus >= 1
+        n = self.config.num_workers or (max(1, int(gpus)) if use_gpus else 1)
+        wcfg = self.config.worker
+        share = cpus / n
+        if not use_gpus and wcfg.threads is None:
+            wcfg = replace(wcfg, threads=max(1, int(share)))
+        if not use_gpus and wcfg.device == "auto":
+            wcfg = replace(wcfg, device="cpu")
+        num_gpus = 1 if use_gpus else 0
+        num_cpus = self.config.cpus_per_worker
+        if num_cpus is None:
+            num_cpus = float(int(share)) if share >= 1 else share
+        avail = ray.available_resources()
+        short = n * num_cpus > float(avail.get("CPU", 0)) + 1e-9 or n * num_gpus > float(avail.get("GPU", 0)) + 1e-9
+        for i in range(n):
+            name = f"{self.config.name}-worker-{i}"
+            handle = spawn_worker(wcfg, name, num_gpus=num_gpus, num_cpus=0 if use_gpus else num_cpus,
+                                  max_restarts=self.config.max_restarts, namespace=NAMESPACE)
+            self._add_worker(name, handle)
+            if short:  # Ray queues the actor until resources free up: say so in status and errors
+                self._workers[name].error = (
+                    f"may wait for resources: {n} worker(s) x {0 if use_gpus else num_cpus} CPU / {num_gpus} GPU, "
+                    f"Ray has {avail.get('CPU', 0)} CPU / {avail.get('GPU', 0)} GPU free")
+
+    def _add_worker(self, name: str, handle: Any) -> None:
+        """Register a worker actor (spawned here, or by a test harness with ``spawn=False``)."""
+        with self._lock:
+            rec = _WorkerRec(name=name, handle=handle)
+            self._workers[name] = rec
+
+    def add_worker(self, name: str, handle: Any) -> bool:
+        self._add_worker(name, handle)
+        return True
+
+    # ----- client API -------------------------------------------------------------------
+    def wait_ready(self, timeout: float = 300.0) -> dict:
+        """Block until no worker is still starting; raises RuntimeError if none came up."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while any(w.state == "starting" for w in self._workers.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 1.0))
+            alive = [w for w in self._workers.values() if w.state == "alive"]
+            if not alive:
+                errs = "; ".join(f"{w.name}: {w.error or w.state}" for w in self._workers.values())
+                when = "" if all(w.state == "dead" for w in self._workers.values()) else f" within {timeout:.0f}s"
+                raise RuntimeError(f"no worker came up{when} ({errs or 'no workers'})")
+        return self.status()
+
+    def submit_job(self, records: list[RawRecord | dict], name: str = "", job_id: str | None = None,
+                   timeout: float = 300.0) -> dict:
+        """Validate ``records`` (decoded job file records or plain dicts), answer malformed ones
+        at once with error results naming the field, and queue the rest. Returns the job id and
+        counts; fetch results with ``get_results``."""
+        if job_id is None:
+            job_id = uuid.uuid4().hex[:12]
+        elif not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
+            raise ValueError(f"job_id: must be 1-64 characters of [A-Za-z0-9._-], got {job_id!r}")
+        info = self._wait_model_info(timeout)
+        parsed = parse_records(records, info["num_classes"])
+        demands = {k: self._page_demand(*k) for k in {(r.policy, r.kv_budget) for r in parsed.requests}}
+        now = time.monotonic()
+        with self._cv:
+            job = self._jobs.create(job_id, name, parsed.total)
+            for err in parsed.errors:
+                self._jobs.add_error(job, err)
+            queued = 0
+            for r in parsed.requests:
+                d = demands[(r.policy, r.kv_budget)]
+                if "error" in d:
+                    field_ = d.get("field", "policy")
+                    self._jobs.add_error(job, RecordError(r.request_id, r.record, field_,
+                                                          d["error"].split(": ", 1)[-1]))
+                    continue
+                self._queue.append(Item(job_id, r, d["pages"], now, now))
+                queued += 1
+            self.counters["requests"] += parsed.total
+            self._cv.notify_all()
+        self._dispatch()  # send now rather than at the loop's next tick: saves up to TICK_S per job
+        log.info("job %s: %d requests queued, %d rejected", job_id, queued, parsed.total - queued)
+        return {"job_id": job_id, "name": name, "total": parsed.total, "queued": queued,
+                "rejected": parsed.total - queued}
+
+    def get_results(self, job_id: str, max_wait: float = 1.0, max_results: int = 512) -> dict:
+        """Results finished since the last call (waits up to ``max_wait`` for the first). Each
+        result is handed out once; ``done`` is True when the job has nothing more to give."""
+        deadline = time.monotonic() + max(0.0, max_wait)
+        with self._cv:
+            job = self._jobs.jobs.get(job_id)
+            if job is None:
+                retired = self._jobs.retired_status(job_id)
+                if retired is None:
+                    raise ValueError(f"job_id: unknown job {job_id!r}")
+                return {"results": [], **retired}
+            while not job.results and not job.finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            return self._jobs.take(job, max_results)
+
+    def job_status(self, job_id: str) -> dict:
+        with self._lock:
+            job = self._jobs.jobs.get(job_id)
+            if job is not None:
+                return job.summary()
+            retired = self._jobs.retired_status(job_id)
+            if retired is None:
+                raise ValueError(f"job_id: unknown job {job_id!r}")
+            return retired
+
+    def status(self, fresh: bool = False) -> dict:
+        """Scheduler counters, queue depth and every worker's state and last stats. ``fresh``
+        asks each live worker for its stats now instead of the last poll's snapshot."""
+        if fresh:
+            self._refresh_stats()
+        with self._lock:
+            workers = []
+            for w in self._workers.values():
+                workers.append({
+                    "name": w.name, "state": w.state, "incarnation": w.incarnation, "restarts": w.restarts,
+                    "error": w.error, "in_flight": len(w.in_flight), "reserved_pages": w.reserved_pages,
+                    "num_pages": w.info.get("num_pages"), "device": w.info.get("device"),
+                    "pid": w.info.get("pid"), "host": w.info.get("host"), "stats": w.stats,
+                })
+            active = self._jobs.active()
+            return {
+                "scheduler": {
+                    "name": self.config.name, "uptime_s": round(time.time() - self.started_at, 3),
+                    "queue_depth": len(self._queue),
+                    "in_flight": sum(len(w.in_flight) for w in self._workers.values()),
+                    "jobs_total": len(self._jobs), "jobs_active": len(active),
+                    "results_pending": sum(len(j.results) for j in self._jobs.jobs.values()),
+                    **self.counters, **self._jobs.counters,
+                },
+                "model": self._model_info,
+                "workers": workers,
+                "jobs": [j.summary() for j in active],
+            }
+
+    def worker_handles(self) -> dict:
+        with self._lock:
+            return {w.name: w.handle for w in self._workers.values()}
+
+    def shutdown(self, timeout: float = 30.0) -> dict:
+        """Fail what is queued or in flight, stop the loop, drain and kill the workers."""
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._cv:
+            items = list(self._queue) + [it for w in self._workers.values() for it in w.in_flight.values()]
+            self._queue.clear()
+            for it in items:
+                self._jobs.add_result(it.job_id, it.request.request_id, None, it, error="cluster stopped before it ran")
+            self._cv.notify_all()
+            for w in self._workers.values():
+                w.in_flight.clear()
+                w.reserved_pages = 0
+            handles = {w.name: w.handle for w in self._workers.values() if w.state != "dead"}
+        drains = {name: h.shutdown.remote() for name, h in handles.items()}
+        stopped = {}
+        for name, ref in drains.items():
+            try:
+                stopped[name] = ray.get(ref, timeout=timeout)["aborted"]
+            except Exception as e:
+                stopped[name] = _short(e)
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(handles[name], no_restart=True)
+        with self._lock:
+            for w in self._workers.values():
+                w.state = "dead"
+                w.error = "stopped"
+        return {"workers_stopped": stopped, "failed_requests": len(items)}
+
+    # ----- helpers for client calls -------------------------------------------------------
+    def _wait_model_info(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._model_info is None:
+                if all(w.state == "dead" for w in self._workers.values()):
+                    raise RuntimeError("no live worker: " + "; ".join(f"{w.name}: {w.error}" for w in
+                                                                       self._workers.values()))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"no worker is ready after {timeout:.0f}s")
+                self._cv.wait(min(left, 1.0))
+            return self._model_info
+
+    def _page_demand(self, policy: str | None, kv_budget: float | None) -> dict:
+        """Pages per request for (policy, budget), asked of a live worker's engine (all workers
+        run the same model and config) and cached; an error dict for a rejected policy."""
+        import ray
+
+        key = (policy, kv_budget)
+        if key in self._demand_cache:
+            return self._demand_cache[key]
+        last = None
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while time.monotonic() < deadline:  # workers may all be restarting right now
+            with self._lock:
+                alive = [w for w in self._workers.values() if w.state == "alive"]
+            for w in alive:
+                try:
+                    d = ray.get(w.handle.page_demand.remote(policy, kv_budget), timeout=CALL_TIMEOUT_S)
+                except Exception as e:  # that worker just died: ask another
+                    last = e
+                    continue
+                self._demand_cache[key] = d
+                return d
+            time.sleep(PROBE_RETRY_S)
+        raise RuntimeError(f"no live worker could size a request ({_short(last) if last else 'no workers'})")
+
+    def _refresh_stats(self) -> None:
+        import ray
+
+        with self._lock:
+            alive = [(w.name, w.handle) for w in self._workers.values() if w.state == "alive"]
+        refs = {name: h.stats.remote() for name, h in alive}
+        for name, ref in refs.items():
+            try:
+                s = ray.get(ref, timeout=CALL_TIMEOUT_S)
+            except Exception:
+                continue  # the dispatch loop notices failures through its own calls
+            with self._lock:
+                w = self._workers[name]
+                if s.get("incarnation") == w.incarnation:
+                    w.stats = s
+
+    def _result(self, job_id: str, request_id: str, res: dict | None, item: Item | None,
+                error: str | None = None) -> None:
+        """Record a result (deduplicated) and wake clients waiting in get_results. Holds _lock."""
+        if self._jobs.add_result(job_id, request_id, res, item, error):
+            self._cv.notify_all()
+
+    # ----- dispatch loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            try:
+                self._dispatch()
+                self._ensure_calls()
+                with self._lock:
+                    refs = list(self._calls)
+                if not refs:
+                    time.sleep(TICK_S)
+                    continue
+                ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S)
+                if ready:
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                for ref in ready:
+                    self._handle(ref)
+                self._check_timeouts()
+                self._metrics.update(len(self._queue), self.counters["requeued"])
+            except Exception:  # keep serving: a bug in one tick must not strand every job
+                log.exception("scheduler dispatch loop error")
+                time.sleep(0.1)
+
+    def _dispatch(self) -> None:
+        """Route the queue's head to workers and send each worker its batch (one call each)."""
+        with self._lock:
+            if not self._queue:
+                return
+            live = [w for w in self._workers.values() if w.state == "alive"]
+            if not live:
+                if self._workers and all(w.state == "dead" for w in self._workers.values()):
+                    why = "; ".join(f"{w.name}: {w.error}" for w in self._workers.values())
+                    while self._queue:
+                        it = self._queue.popleft()
+                        self._result(it.job_id, it.request.request_id, None, it, error=f"no live worker ({why})")
+                return
+            views = [WorkerView(w.name, w.info["num_pages"], w.reserved_pages, len(w.in_flight),
+                                self.config.max_inflight_per_worker or w.info.get("max_running", 64)) for w in live]
+            head = self._queue[0]
+            if not fits_any_when_empty(views, head.demand):  # sized at submit, so only a smaller restart
+                self._queue.popleft()
+                self._result(head.job_id, head.request.request_id, None, head,
+                              error=f"kv_budget: request needs {head.demand} KV pages, more than any worker's pool")
+                return
+            assigned = route(self._queue, views, lambda it: it.demand)
+            now = time.monotonic()
+            batches: dict[str, list[Item]] = {}
+            for item, view in assigned:
+                self._queue.popleft()
+                w = self._workers[view.name]
+                w.in_flight[item.key] = item
+                w.reserved_pages += item.demand
+                item.attempts += 1
+                item.worker = w.name
+                item.t_sent = now
+                batches.setdefault(w.name, []).append(item)
+            for name, items in batches.items():  # .remote() only enqueues: cheap enough under the lock
+                w = self._workers[name]
+                payload = [dict(it.request.to_dict(), key=it.key) for it in items]
+                self._calls[w.handle.submit.remote(payload, w.incarnation)] = ("submit", w.name, w.incarnation, items)
+
+    def _ensure_calls(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for w in self._workers.values():
+                if w.state == "alive" and w.poll_ref is None:
+                    w.poll_ref = w.handle.poll.remote(self.config.poll_wait_s)
+                    self._calls[w.poll_ref] = ("poll", w.name, w.incarnation, None)
+                elif w.state in ("starting", "suspect") and w.probe_ref is None and now >= w.next_probe:
+                    w.probe_ref = w.handle.hello.remote()
+                    self._calls[w.probe_ref] = ("hello", w.name, w.incarnation, None)
+
+    def _handle(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        with self._lock:
+            kind, name, inc, items = self._calls.pop(ref)
+        try:
+            value = ray.get(ref)
+        except RayActorError as e:
+            with self._cv:
+                self._on_failure(self._workers[name], ref, kind, inc, e)
+            return
+        except Exception as e:  # an exception inside a worker method: a bug, not a dead process
+            log.error("worker %s %s raised: %s", name, kind, _short(e))
+            with self._cv:
+                w = self._workers[name]
+                if kind == "poll" and w.poll_ref == ref:
+                    w.poll_ref = None
+                elif kind == "hello" and w.probe_ref == ref:
+                    w.probe_ref, w.state, w.error = None, "dead", f"hello failed: {_short(e)}"
+                    self._requeue_all(w, w.error)
+                elif kind == "submit":
+                    self._requeue_items(w, items or [], f"submit failed: {_short(e)}")
+            return
+        with self._cv:
+            w = self._workers[name]
+            if kind == "poll":
+                if w.poll_ref == ref:
+                    w.poll_ref = None
+                self._on_poll(w, value)
+            elif kind == "submit":
+                if value.get("stale") and inc == w.incarnation and w.state == "alive":
+                    self._mark_suspect(w, f"worker restarted (incarnation {value.get('incarnation')})")
+            elif kind == "hello":
+                if w.probe_ref == ref:
+                    w.probe_ref = None
+                self._on_hello(w, value)
+
+    def _on_failure(self, w: _WorkerRec, ref: Any, kind: str, inc: str | None, err: Exception) -> None:
+        from ray.exceptions import ActorDiedError
+
+        if kind == "hello":
+            if w.probe_ref == ref:
+                w.probe_ref = None
+            if isinstance(err, ActorDiedError):
+                w.state, w.error = "dead", _short(err)
+                self._requeue_all(w, w.error)
+                log.warning("worker %s is dead: %s", w.name, w.error)
+            else:
+                w.next_probe = time.monotonic() + PROBE_RETRY_S
+            self._cv.notify_all()
+            return
+        if kind == "poll" and w.poll_ref == ref:
+            w.poll_ref = None
+        if inc != w.incarnation or w.state != "alive":
+            return  # a call to an incarnation already written off
+        self._mark_suspect(w, _short(err))
+
+    def _mark_suspect(self, w: _WorkerRec, why: str) -> None:
+        """The worker's process may be gone: requeue its work now, probe it next tick."""
+        w.state, w.error, w.since, w.next_probe = "suspect", why, time.monotonic(), 0.0
+        self.counters["worker_failures"] += 1
+        log.warning("worker %s failed (%s): requeueing %d request(s)", w.name, why, len(w.in_flight))
+        self._requeue_all(w, why)
+        self._cv.notify_all()
+
+    def _requeue_all(self, w: _WorkerRec, why: str) -> None:
+        items = list(w.in_flight.values())
+        w.in_flight.clear()
+        w.reserved_pages = 0
+        self._requeue_items(w, items, why)
+
+    def _requeue_items(self, w: _WorkerRec, items: list[Item], why: str) -> None:
+        now = time.monotonic()
+        for it in reversed(items):  # back to the front, in their original order
+            if w.in_flight.pop(it.key, None) is not None:
+                w.reserved_pages -= it.demand
+            if self._jobs.has_result(it.job_id, it.request.request_id):
+                continue  # already answered (a duplicate run) or its job is gone
+            it.failures.append(f"{w.name}: {why}")
+            if it.attempts >= self.config.max_attempts:
+                self._result(it.job_id, it.request.request_id, None, it,
+                              error=f"request failed {it.attempts} time(s) because its worker died "
+                                    f"({'; '.join(it.failures)})")
+                continue
+            it.worker, it.t_queued = None, now
+            self._queue.appendleft(it)
+            self.counters["requeued"] += 1
+
+    def _on_hello(self, w: _WorkerRec, info: dict) -> None:
+        new = info["incarnation"]
+        if w.incarnation is not None and new != w.incarnation:
+            w.restarts += 1
+            self._requeue_all(w, "worker restarted")
+            log.warning("worker %s restarted (incarnation %s -> %s), registered with an empty pool",
+                        w.name, w.incarnation, new)
+        w.incarnation, w.info, w.stats = new, info, info.get("stats", {})
+        w.state, w.error, w.since = "alive", None, time.monotonic()
+        if self._model_info is None:
+            self._model_info = {k: info[k] for k in ("model", "num_classes", "num_scales", "block_size",
+                                                     "page_bytes", "num_pages", "default_policy",
+                                                     "default_kv_budget")}
+        self._cv.notify_all()
+
+    def _on_poll(self, w: _WorkerRec, value: dict) -> None:
+        same = value["incarnation"] == w.incarnation
+        if not same and w.state == "alive":
+            self._mark_suspect(w, f"worker restarted (incarnation {value['incarnation']})")
+        for res in value["results"]:
+            key = res.get("key", "")
+            item = w.in_flight.pop(key, None) if same else None
+            if item is not None:
+                w.reserved_pages -= item.demand
+            job_id, _, request_id = key.partition("/")
+            self._result(job_id, request_id, res, item)
+        if same:
+            w.stats = value["stats"]
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        with self._cv:
+            for w in self._workers.values():
+                if w.state in ("starting", "suspect") and now - w.since > self.config.worker_start_timeout_s:
+                    w.state = "dead"
+                    w.error = (f"not up after {self.config.worker_start_timeout_s:.0f}s "
+                               f"(last: {w.error or 'starting'}; enough CPU/GPU in the Ray cluster?)")
+                    self._requeue_all(w, w.error)
+                    self._cv.notify_all()
+
+
+def start_scheduler(config: SchedulerConfig, detached: bool = True, runtime_env: dict | None = None):
+    """Create the named scheduler actor in namespace ``scalekv`` (it spawns the workers).
+    Detached so it outlives the process that started it (``scalekv cluster start`` exits)."""
+    import ray
+
+    opts = dict(name=config.name, namespace=NAMESPACE, max_concurrency=32, num_cpus=0, max_restarts=0)
+    if detached:
+        opts["lifetime"] = "detached"
+    if runtime_env:
+        opts["runtime_env"] = runtime_env
+    return ray.remote(Scheduler).options(**opts).remote(config)
