@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
     __import__("memory.cli", fromlist=["register"]).register(sub)  # scalekv calibrate, scalekv bench fidelity
+    __import__("benchmarks.cli", fromlist=["register"]).register(sub)  # scalekv bench load
     __import__("scheduler.cli", fromlist=["register"]).register(sub)  # scalekv cluster, submit, status
     return parser
 

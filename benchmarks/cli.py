@@ -1,0 +1,225 @@
+"""``scalekv bench load``: the load-test command line (the harness is ``benchmarks/load.py``).
+
+``engine/cli.py`` calls ``register(sub)``; it reuses the ``bench`` parser that another module
+(``memory/cli.py``: ``bench fidelity``) may already have created, or creates it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+LOAD_HELP = """Load-test KV policies side by side on one request stream.
+
+Arrivals: --request-rate R (open loop; Poisson, or gamma with --burstiness B: B < 1 burstier,
+B > 1 smoother), --max-concurrency C (at most C requests in flight; alone it is a closed loop:
+a request is sent as soon as a slot frees), or both. --request-rates R1,R2,... sweeps rates.
+Every --policy (NAME or NAME@BUDGET, e.g. scalekv@0.1; the budget defaults to --kv-budget) runs
+on the same stream (classes, image seeds, arrival times) against a pool of --kv-pool-bytes.
+
+Target: the in-process engine (default), a local Ray cluster of --cluster-workers N started for
+the run, or a running cluster (--address; its own pool and engine knobs apply).
+
+Reports images/s, latency p50/p90/p99 (end to end and time to first scale), requests running
+(peak, mean), peak KV bytes (the pool's high-water mark), pool usage over time, preemptions,
+errors, and ratios to `full` (or the first policy). --json writes everything, --plot DIR the
+figures (pool usage over time, latency CDF, throughput vs request rate for a sweep).
+
+example:
+  scalekv bench load --model var-tiny --random-init --num-requests 24 --max-concurrency 16 \\
+      --policy full --policy sliding --kv-budget 0.1 --kv-pool-bytes 32MiB --threads 1
+"""
+
+
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate in requests/s (or inf), got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"request rate must be > 0 (inf: all at once), got {text!r}")
+    return v
+
+
+def _rates(text: str) -> list[float]:
+    return [_rate(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench load`` to the ``scalekv`` parser (reusing an existing ``bench`` parser)."""
+    from engine.api import EngineConfig
+    from engine.cli import _add_model_args
+
+    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
+    bsub = _subparsers(bench) or bench.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("load", help="load test: policies side by side on one request stream (throughput, "
+                                     "latency, KV memory, concurrency)",
+                        description=LOAD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        conflict_handler="resolve")
+    _add_model_args(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--address", default=None,
+                       help="run against a running cluster: 'auto', HOST:PORT, or 'state' (the one "
+                            "`scalekv cluster start` recorded)")
+    where.add_argument("--cluster-workers", type=int, default=None,
+                       help="start a local Ray cluster with N workers for the run (default: in-process engine)")
+    p.add_argument("--cluster-name", default=None, help="scheduler name on the cluster (default: scalekv's)")
+    a = p.add_argument_group("load")
+    a.add_argument("--num-requests", type=int, default=32, help="requests per run (default 32)")
+    a.add_argument("--request-rate", type=_rate, default=math.inf,
+                   help="arrivals per second, Poisson/gamma (default inf: all at once)")
+    a.add_argument("--request-rates", type=_rates, default=None,
+                   help="a sweep of rates, e.g. 0.5,1,2,inf (wins over --request-rate)")
+    a.add_argument("--burstiness", type=_positive_float, default=1.0,
+                   help="gamma shape of the gaps: 1 Poisson, <1 burstier, >1 smoother (default 1)")
+    a.add_argument("--normalize-arrivals", action="store_true",
+                   help="rescale the gaps so the last request arrives at exactly N/R seconds")
+    a.add_argument("--max-concurrency", type=int, default=None, help="at most C requests in flight (client side)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the stream: classes, image seeds, arrivals")
+    a.add_argument("--warmup", type=int, default=1,
+                   help="requests run before each measured run (per worker on a cluster; default 1)")
+    a.add_argument("--max-duration", type=_positive_float, default=None,
+                   help="abort a run after this many seconds (its unfinished requests count as errors)")
+    a.add_argument("--sample-interval", type=_positive_float, default=0.05,
+                   help="cluster: seconds between pool samples (default 0.05)")
+    e = p.add_argument_group("engine (local engine and --cluster-workers)")
+    EngineConfig.add_cli_args(e)
+    # --policy is repeatable here (replaces the engine's single --policy; conflict_handler='resolve')
+    e.add_argument("--policy", dest="policies", action="append", default=None, metavar="NAME[@BUDGET]",
+                   help="KV policy to run, repeatable (e.g. --policy full --policy scalekv@0.1; default full)")
+    e.add_argument("--kv-budget", type=float, default=0.1,
+                   help="kept fraction for compressing policies given without @BUDGET (default 0.1)")
+    e.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (auto: cuda when available; the pool then defaults to "
+                        "--gpu-memory-utilization of free memory unless --kv-pool-bytes is given)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", dest="json_out", default=None, help="write the full report (JSON) here")
+    o.add_argument("--plot", default=None, help="folder for the PNG plots")
+    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    p.set_defaults(func=cmd_load)
+
+
+def load_config(args: argparse.Namespace):
+    from benchmarks.load import LoadConfig, parse_policy
+
+    specs = [parse_policy(t, args.kv_budget) for t in (args.policies or ["full"])]
+    return LoadConfig(policies=specs, num_requests=args.num_requests,
+                      request_rates=args.request_rates or [args.request_rate], burstiness=args.burstiness,
+                      max_concurrency=args.max_concurrency, seed=args.seed,
+                      normalize_arrivals=args.normalize_arrivals, warmup=args.warmup,
+                      max_duration_s=args.max_duration, sample_interval_s=args.sample_interval)
+
+
+def engine_config(args: argparse.Namespace):
+    """The engine knobs (flags > SCALEKV_* environment > defaults); policy and budget are per run."""
+    from engine.api import EngineConfig
+
+    ns = argparse.Namespace(**vars(args))
+    ns.policy, ns.kv_budget = None, None
+    return EngineConfig.from_args(ns)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from benchmarks.load import LocalTarget, format_table, run_load, write_outputs
+    from engine.cli import _set_threads
+
+    try:
+        cfg = load_config(args)
+        ecfg = engine_config(args)
+    except ValueError as e:
+        print(f"scalekv bench load: error: {e}", file=sys.stderr)
+        return 2
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    _set_threads(args.threads)
+    if args.address is None and args.cluster_workers is None:
+        from engine.models.registry import build_model
+
+        model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init,
+                            device=_device(args.device))
+        report = run_load(LocalTarget(model, ecfg), cfg, progress)
+    else:
+        report = _run_on_cluster(args, cfg, ecfg, progress)
+        if report is None:
+            return 2
+    written = write_outputs(report, args.json_out, args.plot)
+    print(format_table(report), flush=True)
+    for w in written:
+        print(f"wrote {w}", file=sys.stderr)
+    return 1 if any(r["summary"]["errors"] for r in report["runs"]) else 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("scalekv bench load: error: --device cuda but torch sees no CUDA device")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
+def _run_on_cluster(args: argparse.Namespace, cfg, ecfg, progress: bool) -> dict | None:
+    import itertools
+    import os
+
+    from benchmarks.load import ClusterTarget, run_load
+    from scheduler.client import ClusterClient
+    from scheduler.config import DEFAULT_NAME, SchedulerConfig
+
+    if args.address is not None:
+        if args.kv_pool_bytes is not None:
+            print("scalekv bench load: note: --kv-pool-bytes and other engine flags do not apply to a running "
+                  "cluster (its workers' pools are used)", file=sys.stderr)
+        try:
+            client = ClusterClient.connect(None if args.address == "state" else args.address,
+                                           name=args.cluster_name or DEFAULT_NAME)
+        except ConnectionError as e:
+            print(f"scalekv bench load: error: {e}", file=sys.stderr)
+            return None
+        return run_load(ClusterTarget("cluster", f"cluster at {args.address}", client=client), cfg, progress)
+
+    import ray
+
+    from engine.models.registry import get_spec
+    from workers.config import WorkerConfig
+
+    if args.cluster_workers < 1:
+        print("scalekv bench load: error: --cluster-workers must be >= 1", file=sys.stderr)
+        return None
+    started_ray = not ray.is_initialized()
+    wcfg = WorkerConfig(model=args.model, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
+                        random_init=args.random_init, engine=ecfg, threads=args.threads, device=args.device)
+    base = args.cluster_name or f"scalekv-bench-{os.getpid()}"
+    count = itertools.count()
+
+    def fresh_cluster():  # a new scheduler and workers (fresh pools) for every run, on one Ray instance
+        name = f"{base}-{next(count)}"
+        return ClusterClient.start(SchedulerConfig(name=name, num_workers=args.cluster_workers, worker=wcfg),
+                                   detached=False)
+
+    target = ClusterTarget("local-cluster", f"local Ray cluster, {args.cluster_workers} worker(s)",
+                           factory=fresh_cluster, engine_config=ecfg, model_name=args.model,
+                           num_classes=get_spec(args.model).var.num_classes)
+    try:
+        return run_load(target, cfg, progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
