@@ -165,8 +165,6 @@ def test_a_policy_the_engine_refuses_fails_its_requests_not_the_benchmark(tmp_pa
     assert "error (scalekv@0.5)" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("SCALEKV_RAY_TESTS"),
-                    reason="starts Ray and two clusters (~20 s on 2 cores): set SCALEKV_RAY_TESTS=1")
 def test_tiny_load_on_a_local_cluster(tmp_path):
     pytest.importorskip("ray")
     from engine.cli import main
