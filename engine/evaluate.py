@@ -125,9 +125,10 @@ def plot_attention_report(report: dict, path: str | Path) -> None:
 
 @torch.no_grad()
 def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, engine_config=None,
-                    progress: bool = True) -> dict:
-    """Generate ``per_class`` images of every class with the engine (default sampling settings)
-    and score them with the shipped shape classifier."""
+                    progress: bool = True, cfg: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None) -> dict:
+    """Generate ``per_class`` images of every class with the engine (the model's default sampling
+    settings unless given) and score them with the shipped shape classifier."""
     from tqdm import tqdm
 
     from .api import EngineConfig, ImageEngine
@@ -135,7 +136,8 @@ def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, eng
 
     spec = model.spec
     engine = ImageEngine(model, engine_config or EngineConfig())
-    reqs = [GenerationRequest(class_label=c, seed=seed + i, request_id=f"c{c}-{i}")
+    reqs = [GenerationRequest(class_label=c, seed=seed + i, request_id=f"c{c}-{i}", cfg=cfg, top_k=top_k,
+                              top_p=top_p)
             for c in range(spec.var.num_classes) for i in range(per_class)]
     images, labels = [], []
     bar = tqdm(total=len(reqs), desc="sampling", disable=not progress)
@@ -151,7 +153,8 @@ def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, eng
     y = torch.tensor(labels)
     per = [float((pred[y == c] == c).float().mean()) for c in range(spec.var.num_classes)]
     return {"accuracy": float((pred == y).float().mean()), "per_class": per, "num_images": len(y),
-            "cfg": spec.default_cfg, "top_k": spec.default_top_k, "top_p": spec.default_top_p}
+            "cfg": spec.default_cfg if cfg is None else cfg, "top_k": spec.default_top_k if top_k is None else top_k,
+            "top_p": spec.default_top_p if top_p is None else top_p}
 
 
 @torch.no_grad()
