@@ -118,8 +118,7 @@ class EngineConfig:
         for f in fields(cls):
             env = os.environ.get(f"SCALEKV_{f.name.upper()}")
             if env is not None:
-                values[f.name] = _parse_bytes(env) if f.name == "kv_pool_bytes" else type(getattr(cls(), f.name))(env) \
-                    if getattr(cls(), f.name) is not None else env
+                values[f.name] = _env_value(f.name, str(f.type), env)
             v = getattr(args, f.name, None)
             if v is not None:
                 values[f.name] = v
@@ -127,6 +126,20 @@ class EngineConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _env_value(name: str, type_text: str, text: str):
+    """Convert a SCALEKV_<FIELD> environment value to the field's type, naming the field on error."""
+    try:
+        if name == "kv_pool_bytes":
+            return _parse_bytes(text)
+        if "float" in type_text:
+            return float(text)
+        if "int" in type_text:
+            return int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{name}: cannot parse SCALEKV_{name.upper()}={text!r} as {type_text}") from None
+    return text
 
 
 def _parse_bytes(text: str | int) -> int:

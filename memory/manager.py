@@ -9,7 +9,7 @@ takes back pages freed by compression, and releases everything on completion or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.models.config import VARConfig
 
@@ -77,7 +77,6 @@ class _Reservation:
     peak_held: int = 0
     plan: KVPlan | None = None
     tokens_peak: int = 0  # peak of tokens stored (for waste accounting)
-    layer_pages: dict = field(default_factory=dict)
 
 
 class MemoryManager:

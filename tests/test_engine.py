@@ -112,3 +112,17 @@ def test_engine_config_validates_fields():
         EngineConfig(kv_budget=0)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         EngineConfig(max_batch_tokens=0)
+
+
+def test_engine_config_from_environment_and_flags(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("SCALEKV_KV_POOL_BYTES", "64MiB")
+    monkeypatch.setenv("SCALEKV_MAX_RUNNING", "5")
+    monkeypatch.setenv("SCALEKV_KV_BUDGET", "0.25")
+    cfg = EngineConfig.from_args(argparse.Namespace(max_running=7))
+    assert cfg.kv_pool_bytes == 64 << 20 and cfg.kv_budget == 0.25
+    assert cfg.max_running == 7  # the flag wins over the environment
+    monkeypatch.setenv("SCALEKV_BLOCK_SIZE", "sixteen")
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig.from_args(argparse.Namespace())
