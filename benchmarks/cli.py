@@ -56,20 +56,13 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return None
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench load`` to the ``scalekv`` parser (reusing an existing ``bench`` parser)."""
     from engine.api import EngineConfig
-    from engine.cli import _add_model_args
+    from engine.cli import _add_model_args, bench_subcommands
 
-    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
-    bsub = _subparsers(bench) or bench.add_subparsers(dest="bench_command", required=True)
+    bsub = bench_subcommands(sub)
     p = bsub.add_parser("load", help="load test: policies side by side on one request stream (throughput, "
                                      "latency, KV memory, concurrency)",
                         description=LOAD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -225,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_subcommands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The sub-commands of ``scalekv bench``, created on first use: several modules add their
+    benchmark (``fidelity``, ``load``) to the same ``bench`` parser."""
+    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
+    for action in bench._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return bench.add_subparsers(dest="bench_command", required=True)
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine knobs; kept in one place so generate, cluster and bench agree."""
     from engine.api import EngineConfig

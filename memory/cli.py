@@ -31,16 +31,10 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return None
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``calibrate`` and ``bench fidelity`` to the ``scalekv`` parser's sub-commands."""
-    from engine.cli import _add_model_args
+    from engine.cli import _add_model_args, bench_subcommands
 
     c = sub.add_parser("calibrate", help="measure drafter/refiner layers and write a scale profile (ScaleKV)")
     _add_model_args(c)
@@ -55,8 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="profile JSON to write (e.g. engine/models/weights/M/scale_profile.json)")
     c.set_defaults(func=cmd_calibrate)
 
-    bench = sub.choices.get("bench") or sub.add_parser("bench", help="benchmarks")
-    bsub = _subparsers(bench) or bench.add_subparsers(dest="bench_command", required=True)
+    bsub = bench_subcommands(sub)
     f = bsub.add_parser("fidelity", help="fidelity of KV policies vs the full cache (PSNR, SSIM, tokens, memory)")
     _add_model_args(f)
     f.add_argument("--policies", type=_names, default=_names(DEFAULT_FIDELITY_POLICIES),

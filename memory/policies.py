@@ -28,6 +28,7 @@ token order; the window tokens are always kept, the rest are the top scores.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -139,7 +140,7 @@ def topk_keep(scores: torch.Tensor, forced: torch.Tensor, capacity: int) -> torc
 
 
 # ----------------------------------------------------------------------------- policies
-class SelectionPolicy:
+class SelectionPolicy(ABC):
     """Base class. ``observes_every_step``: the runner calls ``select`` at every scale (even
     when nothing is evicted), for policies that accumulate state; ``select`` may then return
     None to mean "keep everything" (only allowed when capacity == number of candidates)."""
@@ -147,11 +148,13 @@ class SelectionPolicy:
     name = "base"
     observes_every_step = False
 
+    @abstractmethod
     def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
-        raise NotImplementedError
+        """Kept candidate indices ``[S, H, capacity]`` (sorted), or None for "keep everything"."""
 
     def release(self, seq: int) -> None:
-        """Forget any state of a finished (or failed) sequence."""
+        """Forget any state of a finished (or failed) sequence (stateless policies keep none)."""
+        return None
 
     def describe(self) -> dict:
         return {"name": self.name}

@@ -12,16 +12,6 @@ from memory.calibrate import calibrate, rank_drafters, zscore_within_scales
 from memory.profile import ProfileMismatchError, ScaleProfile
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one torch thread avoids oversubscribing a shared 2-core machine
-    (measured: 4 s instead of 60 s for this suite while a training job runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def micro_profile(micro_model):
     return calibrate(micro_model, num_requests=3, num_queries=16)

@@ -17,16 +17,6 @@ from memory.budgets import compressed_scales
 from memory.policies import POLICIES, SelectionContext, make_policy
 from memory.profile import ScaleProfile
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one torch thread avoids oversubscribing a shared 2-core machine
-    (measured: 4 s instead of 60 s for this suite while a training job runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 COMPRESSING = [p for p in POLICIES if p != "full"]
 
 

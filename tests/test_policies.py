@@ -18,16 +18,6 @@ from memory.policies import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one torch thread avoids oversubscribing a shared 2-core machine
-    (measured: 4 s instead of 60 s for this suite while a training job runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(s=3, h=4, side=8, hist=40, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(s, h, side * side, d, generator=g), dim=-1) * 4
