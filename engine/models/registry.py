@@ -66,9 +66,11 @@ MODELS: dict[str, ModelSpec] = {
         ),
         default_checkpoint_dir="var-tiny",
         notes="Trained here on the synthetic shapes dataset: 64x64 RGB, 10 classes, 680 tokens.",
-        default_cfg=2.0,
-        default_top_k=100,
-        default_top_p=0.95,
+        # Chosen by class accuracy on seeds 10000+ (disjoint from the eval seeds 0..99), 150 images each:
+        # cfg 2/top-k 100/top-p .95: 34%; cfg 4/100/.95: 27%; cfg 4/20/.9: 34%; cfg 6/20/.9: 41%.
+        default_cfg=6.0,
+        default_top_k=20,
+        default_top_p=0.9,
     ),
     "var-micro": ModelSpec(
         name="var-micro",
