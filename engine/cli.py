@@ -111,16 +111,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_tokenizer,
         )
 
-        cfg = TokenizerTrainConfig(model=args.model, steps=args.steps or 2000, batch_size=args.batch_size or 16,
-                                   lr=args.lr or 1e-3, bf16=not args.fp32, device=args.device)
+        d = TokenizerTrainConfig()
+        cfg = TokenizerTrainConfig(model=args.model, steps=args.steps or d.steps,
+                                   batch_size=args.batch_size or d.batch_size, lr=args.lr or d.lr,
+                                   bf16=not args.fp32, device=args.device)
         vae = train_tokenizer(cfg, args.run_dir)
         export_tokenizer(vae, str(Path(args.run_dir) / "tokenizer.safetensors"))
         print(json.dumps(evaluate_tokenizer(vae, 1000)))
     elif args.what == "transformer":
         from engine.training.transformer import TransformerTrainConfig, export_transformer, train_transformer
 
-        cfg = TransformerTrainConfig(model=args.model, steps=args.steps or 5000, batch_size=args.batch_size or 32,
-                                     lr=args.lr or 6e-4, bf16=not args.fp32, device=args.device,
+        d = TransformerTrainConfig()
+        cfg = TransformerTrainConfig(model=args.model, steps=args.steps or d.steps,
+                                     batch_size=args.batch_size or d.batch_size, lr=args.lr or d.lr,
+                                     bf16=not args.fp32, device=args.device,
                                      tokenizer=args.tokenizer_weights or TransformerTrainConfig.tokenizer)
         var = train_transformer(cfg, args.run_dir)
         export_transformer(var, str(Path(args.run_dir) / "transformer.safetensors"))

@@ -24,17 +24,17 @@ from .common import RunDir, autocast, lr_at, to_model_input
 @dataclass
 class TokenizerTrainConfig:
     model: str = "var-tiny"
-    steps: int = 4000
-    batch_size: int = 32
+    steps: int = 1300
+    batch_size: int = 16
     lr: float = 1e-3
-    warmup: int = 200
+    warmup: int = 100
     weight_decay: float = 0.0
     l1_weight: float = 0.2
     bf16: bool = True
     device: str = "cpu"
     seed: int = 0
-    save_every: int = 200
-    log_every: int = 50
+    save_every: int = 100
+    log_every: int = 25
     restart_every: int = 100  # dead-code restart period (steps)
     dead_threshold: float = 0.03  # a code is dead when its usage < threshold x uniform
     eval_images: int = 256

@@ -28,18 +28,18 @@ from .common import RunDir, autocast, lr_at, to_model_input
 class TransformerTrainConfig:
     model: str = "var-tiny"
     tokenizer: str = "engine/models/weights/var-tiny/tokenizer.safetensors"
-    num_images: int = 50_000  # size of the pre-tokenised training set
-    steps: int = 5000
-    batch_size: int = 32
-    lr: float = 6e-4
-    warmup: int = 200
+    num_images: int = 20_000  # size of the pre-tokenised training set
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 60
     weight_decay: float = 0.05
     grad_clip: float = 2.0
     bf16: bool = True
     device: str = "cpu"
     seed: int = 0
-    save_every: int = 100
-    log_every: int = 25
+    save_every: int = 20
+    log_every: int = 10
 
 
 @torch.no_grad()
