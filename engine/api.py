@@ -272,7 +272,7 @@ class ImageEngine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_running:
             st = self.waiting[0]
-            if not self.manager.try_reserve(st.request.request_id or str(st.seqs), st.seqs, st.plan):
+            if not self.manager.try_reserve(self._key(st), st.seqs, st.plan):
                 break  # FIFO: wait for pages rather than starve the head of the queue
             self.waiting.popleft()
             st.t_admitted = time.perf_counter()
@@ -290,7 +290,9 @@ class ImageEngine:
         return batch
 
     def _key(self, st: RequestState) -> str:
-        return st.request.request_id or str(st.seqs)
+        """Reservation key: the engine's own sequence ids, unique even when callers reuse a
+        request_id (two jobs on one worker may both name a request "r0")."""
+        return f"seq{st.seqs[0]}"
 
     def _release(self, st: RequestState) -> dict:
         """Return the request's pages and drop any policy state of its sequences."""
