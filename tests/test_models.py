@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -104,6 +105,18 @@ def test_teacher_forcing_equals_cached_scale_by_scale(micro_model):
     assert tf.shape == cached.shape == (b, cfg.seq_len, cfg.vocab_size)
     assert (tf - cached).abs().max() < 1e-4
     assert tf.std() > 0.1  # the perturbed model is far from identity
+
+
+@pytest.mark.parametrize("unmasked_scales", [0, 1, 3, 100])
+def test_pieced_block_causal_attention_equals_one_masked_sdpa(micro_model, unmasked_scales):
+    var, cfg = micro_model.var, micro_model.spec.var
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, cfg.seq_len, 8, generator=gen) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=var.attn_bias_for_masking,
+                                         scale=var.blocks[0].attn.scale)
+    pieced = var._block_causal_attend(unmasked_scales)(0, q, k, v)
+    assert pieced.shape == dense.shape
+    assert (pieced - dense).abs().max() < 1e-5
 
 
 def test_next_scale_input_matches_an_independent_implementation(micro_model):

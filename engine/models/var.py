@@ -9,6 +9,7 @@ cache, which keeps one definition of the math for all three.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -233,7 +234,7 @@ class VAR(nn.Module):
         labels [B] (null class allowed), next_inputs [B, L-1, Cvae] (from the tokenizer's
         ``teacher_forcing_input``). Returns logits [B, L, V]; position i predicts token i.
         """
-        b, seq_len = labels.shape[0], self.cfg.seq_len
+        b = labels.shape[0]
         if self.training and self.cfg.cond_drop_rate > 0:
             drop = torch.rand(b, device=labels.device) < self.cfg.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -241,5 +242,28 @@ class VAR(nn.Module):
         sos = cond.unsqueeze(1) + self.pos_start
         x = torch.cat((sos, self.word_embed(next_inputs.to(self.word_embed.weight.dtype))), dim=1)
         x = x + self.lvl_embed(self.lvl_1L.expand(b, -1)) + self.pos_1LC
-        bias = self.attn_bias_for_masking[:, :, :seq_len, :seq_len]
-        return self.logits(self.run_blocks(x, cond, None, bias), cond)
+        return self.logits(self.run_blocks(x, cond, self._block_causal_attend()), cond)
+
+    def _block_causal_attend(self, unmasked_scales: int = 3) -> AttendFn:
+        """Attention under the block-causal mask, computed in pieces: queries of each of the last
+        ``unmasked_scales`` scales see a whole key prefix, so they need no mask and skip the masked
+        (invisible) keys entirely; the short rest of the sequence uses the dense mask. Same result
+        as one masked SDPA over all tokens, ~20% less attention work at var-tiny's shapes."""
+        ends = list(itertools.accumulate(self.cfg.scale_lengths()))
+        split = ends[max(0, len(ends) - 1 - unmasked_scales)]
+        bias = self.attn_bias_for_masking[:, :, :split, :split]
+        scales = [block.attn.scale for block in self.blocks]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            s = scales[layer]
+            parts = [F.scaled_dot_product_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split],
+                                                    attn_mask=bias.to(q.dtype), scale=s)]
+            start = split
+            for end in ends:
+                if end > split:
+                    parts.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
+                                                                scale=s))
+                    start = end
+            return torch.cat(parts, dim=2)
+
+        return attend
