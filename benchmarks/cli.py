@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV policy to run, repeatable (e.g. --policy full --policy scalekv@0.1; default full)")
     e.add_argument("--kv-budget", type=float, default=0.1,
                    help="kept fraction for compressing policies given without @BUDGET (default 0.1)")
-    e.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the model runs (auto: cuda when available; the pool then defaults to "
                         "--gpu-memory-utilization of free memory unless --kv-pool-bytes is given)")

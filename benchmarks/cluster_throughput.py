@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: its share of --num-cpus); also the baseline's")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--kv-pool-bytes", default="256MiB")
     p.add_argument("--single", type=int, default=10, help="one-at-a-time requests for the latency overhead")
     p.add_argument("--no-baseline", action="store_true", help="skip the in-process engine run")

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--model", default="var-tiny")
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--reference-batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--kv-pool-bytes", type=int, default=1 << 30)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()

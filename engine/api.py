@@ -34,6 +34,7 @@ from memory.pool import KVPool
 from memory.profile import ScaleProfile, shipped_profile_path
 
 from .models.registry import LoadedModel
+from .precision import DTYPES, resolve_dtype
 from .reference import image_to_uint8
 from .requests import GenerationRequest, GenerationResult, validate_request
 from .runner import ModelRunner, RequestState
@@ -54,7 +55,7 @@ class EngineConfig:
     max_running: int = 64  # admitted requests at once
     policy: str = "full"  # KV policy for requests that name none
     kv_budget: float = 1.0  # fraction of the full cache for compressing policies
-    dtype: str = "bfloat16"  # compute dtype; the pool stores K/V in it
+    dtype: str = "auto"  # compute and K/V dtype; auto: bf16 on CUDA / CPUs with native bf16, else fp32
     attention_backend: str = "auto"  # torch | xformers | auto
     profile_path: str | None = None  # scale profile for scalekv (default: the model's shipped one)
     window_size: int = 16  # observation window of queries (scalekv: a perfect square, grid centres)
@@ -77,8 +78,8 @@ class EngineConfig:
             raise ValueError(f"max_running: must be >= 1, got {self.max_running}")
         if not 0 < self.kv_budget <= 1:
             raise ValueError(f"kv_budget: must be a fraction in (0, 1], got {self.kv_budget}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: unknown policy {self.policy!r} (available: {', '.join(POLICIES)})")
         if self.window_size < 1 or math.isqrt(self.window_size) ** 2 != self.window_size:
@@ -166,7 +167,8 @@ class ImageEngine:
         self.config = config = config or EngineConfig()
         spec = model.spec
         device = next(model.var.parameters()).device
-        kv_dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        self.dtype = resolve_dtype(config.dtype, device)  # "auto" -> what this hardware runs fast
+        kv_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         heads, head_dim = spec.var.num_heads, spec.var.head_dim
         if device.type == "cuda" and config.kv_pool_bytes is None:
             self.pool = KVPool.from_gpu_memory(config.gpu_memory_utilization, config.block_size, heads, head_dim,
@@ -176,7 +178,7 @@ class ImageEngine:
             self.pool = KVPool.from_bytes(nbytes, config.block_size, heads, head_dim, kv_dtype, device)
         self.manager = MemoryManager(self.pool)
         backend = config.attention_backend
-        self.runner = ModelRunner(model, self.pool, self.manager, config.dtype, backend)
+        self.runner = ModelRunner(model, self.pool, self.manager, self.dtype, backend)
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self._finished: list[GenerationResult] = []

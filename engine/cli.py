@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.precision import DTYPES
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from engine.models.registry import DEFAULT_MODEL, MODELS
@@ -114,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         d = TokenizerTrainConfig()
         cfg = TokenizerTrainConfig(model=args.model, steps=args.steps or d.steps,
                                    batch_size=args.batch_size or d.batch_size, lr=args.lr or d.lr,
-                                   bf16=not args.fp32, device=args.device)
+                                   dtype=args.dtype, device=args.device)
         vae = train_tokenizer(cfg, args.run_dir)
         export_tokenizer(vae, str(Path(args.run_dir) / "tokenizer.safetensors"))
         print(json.dumps(evaluate_tokenizer(vae, 1000)))
@@ -124,8 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         d = TransformerTrainConfig()
         cfg = TransformerTrainConfig(model=args.model, steps=args.steps or d.steps,
                                      batch_size=args.batch_size or d.batch_size, lr=args.lr or d.lr,
-                                     bf16=not args.fp32, device=args.device,
-                                     tokenizer=args.tokenizer_weights or TransformerTrainConfig.tokenizer)
+                                     dtype=args.dtype, device=args.device,
+                                     tokenizer=args.tokenizer_weights or TransformerTrainConfig.tokenizer,
+                                     num_images=args.num_images or d.num_images, warmup=args.warmup or d.warmup,
+                                     init_from=args.init_from, coarse_scales=args.coarse_scales,
+                                     full_every=args.full_every or d.full_every)
         var = train_transformer(cfg, args.run_dir)
         export_transformer(var, str(Path(args.run_dir) / "transformer.safetensors"))
     else:
@@ -193,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="top-p filter, 0 disables (default: the model's)")
     g.add_argument("--out", default="out", help="output directory for PNGs and results.jsonl")
     g.add_argument("--json", action="store_true", help="print one JSON record per image on stdout")
-    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="compute dtype (bf16 autocast is much faster on CPUs with AVX512-BF16/AMX)")
+    g.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="compute dtype (auto: bf16 on CUDA and CPUs with native bf16, float32 elsewhere)")
     g.add_argument("--reference", action="store_true", help="use the naive reference loop instead of the engine")
     g.add_argument("--batch-size", type=int, default=16, help="requests per batch of the reference loop")
     _add_engine_args(g)
@@ -208,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-class", type=int, default=100, help="generated images per class for accuracy")
     e.add_argument("--attention-requests", type=int, default=16, help="requests for the attention report")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    e.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype (default auto)")
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train the tokenizer, the transformer or the eval classifier")
@@ -218,10 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
+    t.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="compute dtype (auto: bf16 autocast on CUDA and CPUs with native bf16, float32 elsewhere)")
     t.add_argument("--device", default="cuda" if _cuda() else "cpu")
     t.add_argument("--tokenizer-weights", default=None, help="(transformer) the trained tokenizer")
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--num-images", type=int, default=None, help="(transformer) size of the pre-tokenised set")
+    t.add_argument("--warmup", type=int, default=None, help="(transformer) warm-up steps of the lr schedule")
+    t.add_argument("--init-from", default=None,
+                   help="(transformer) start a new run from these weights, e.g. the shipped transformer.safetensors")
+    t.add_argument("--coarse-scales", type=int, default=None,
+                   help="(transformer) train most steps on the first K scales only (exact, ~3x cheaper for K=8)")
+    t.add_argument("--full-every", type=int, default=None,
+                   help="(transformer) with --coarse-scales: every N-th step trains on all scales (default 1)")
     t.set_defaults(func=cmd_train)
     __import__("memory.cli", fromlist=["register"]).register(sub)  # scalekv calibrate, scalekv bench fidelity
     __import__("benchmarks.cli", fromlist=["register"]).register(sub)  # scalekv bench load

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .models.registry import LoadedModel
-from .reference import ContiguousKVCache, autocast_for
+from .precision import autocast_for
+from .reference import ContiguousKVCache
 from .requests import GenerationRequest
 from .sampling import make_generator, sample_scale
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .models.registry import LoadedModel
 from .models.vqvae import NextScaleInput
+from .precision import autocast_for
 from .requests import GenerationRequest, GenerationResult
 from .sampling import make_generator, sample_scale
 
@@ -21,14 +22,6 @@ from .sampling import make_generator, sample_scale
 def image_to_uint8(img: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
     return img.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def autocast_for(dtype: str, device: torch.device | str):
-    if dtype == "float32":
-        return torch.autocast(device_type=torch.device(device).type, enabled=False)
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
 
 
 class ContiguousKVCache:

@@ -27,6 +27,7 @@ from memory.policies import SelectionContext, SelectionPolicy
 from memory.pool import KVPool
 
 from .models.registry import LoadedModel
+from .precision import autocast_for
 from .requests import GenerationRequest
 from .sampling import sample_scale
 
@@ -78,10 +79,7 @@ class ModelRunner:
         self._groups: list[_Group] = []
 
     def _autocast(self):
-        dev = self.device.type
-        if self.dtype == "bfloat16":
-            return torch.autocast(device_type=dev, dtype=torch.bfloat16)
-        return torch.autocast(device_type=dev, enabled=False)
+        return autocast_for(self.dtype, self.device)
 
     # ----- attention through the pool ------------------------------------------------------
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -246,5 +244,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode(self, states: list[RequestState]) -> torch.Tensor:
-        """Finished requests -> images [B, 3, H, W] in [-1, 1] (one batched decoder pass)."""
+        """Finished requests -> images [B, 3, H, W] in [-1, 1] (one batched decoder pass).
+
+        Tokens do not depend on what else is in the batch, but pixels may move by one 8-bit level:
+        CPU conv kernels block their work by batch size, which changes float rounding."""
         return self.vae.fhat_to_img(torch.cat([s.f_hat for s in states]))

@@ -28,7 +28,8 @@ import time
 import torch
 
 from engine.models.registry import LoadedModel
-from engine.reference import ContiguousKVCache, autocast_for
+from engine.precision import autocast_for
+from engine.reference import ContiguousKVCache
 from engine.requests import GenerationRequest
 from engine.sampling import make_generator, sample_scale
 

@@ -69,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     EngineConfig.add_cli_args(s)
     if not any("--dtype" in a.option_strings for a in s._actions):  # unless the engine's knobs grow one
-        s.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                       help="compute dtype (default bfloat16)")
+        s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                       help="compute dtype (default auto: bf16 where the hardware runs it natively)")
     s.add_argument("--cpus-per-worker", type=float, default=None,
                    help="Ray CPUs each CPU worker reserves (default: its share of the cluster's CPUs)")
     s.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a dead worker (-1: unlimited)")

@@ -88,7 +88,10 @@ def test_two_workers_serve_a_24_request_job_identically_to_the_single_process_en
     for r, key in zip(results, keys):
         tokens, image = ref[key]
         assert r["tokens"] == tokens, r["request_id"]
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r["png"]))), image)
+        # Same tokens -> same image, up to one 8-bit level: the worker decodes in other batches
+        # than the reference, and CPU conv kernels round differently by batch size.
+        diff = np.abs(np.asarray(Image.open(io.BytesIO(r["png"]))).astype(int) - image.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (r["request_id"], diff.max(), (diff > 0).mean())
         assert r["stats"]["scheduler_total_seconds"] >= r["seconds"] > 0
 
 

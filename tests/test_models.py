@@ -107,6 +107,26 @@ def test_teacher_forcing_equals_cached_scale_by_scale(micro_model):
     assert tf.std() > 0.1  # the perturbed model is far from identity
 
 
+@pytest.mark.parametrize("num_scales", [1, 2, 3])
+def test_prefix_forward_equals_the_same_positions_of_the_full_forward(micro_model, num_scales):
+    """Training on the first K scales is exact: no scale sees a finer one."""
+    var, vae, cfg = micro_model.var, micro_model.vae, micro_model.spec.var
+    gen = torch.Generator().manual_seed(4)
+    idx = [torch.randint(0, cfg.vocab_size, (2, p * p), generator=gen) for p in cfg.patch_nums]
+    labels = torch.tensor([2, cfg.num_classes])
+    inputs = vae.quantize.teacher_forcing_input(idx)
+    n = sum(cfg.scale_lengths()[:num_scales])
+    with torch.no_grad():
+        full = var(labels, inputs)
+        prefix = var(labels, inputs, num_scales=num_scales)
+        prefix_from_short_inputs = var(labels, inputs[:, : n - 1], num_scales=num_scales)
+    assert prefix.shape == (2, n, cfg.vocab_size)
+    assert (prefix - full[:, :n]).abs().max() < 1e-4
+    assert torch.equal(prefix, prefix_from_short_inputs)
+    with pytest.raises(ValueError, match="num_scales"):
+        var(labels, inputs, num_scales=cfg.num_scales + 1)
+
+
 @pytest.mark.parametrize("unmasked_scales", [0, 1, 3, 100])
 def test_pieced_block_causal_attention_equals_one_masked_sdpa(micro_model, unmasked_scales):
     var, cfg = micro_model.var, micro_model.spec.var
@@ -114,7 +134,7 @@ def test_pieced_block_causal_attention_equals_one_masked_sdpa(micro_model, unmas
     q, k, v = (torch.randn(2, 3, cfg.seq_len, 8, generator=gen) for _ in range(3))
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=var.attn_bias_for_masking,
                                          scale=var.blocks[0].attn.scale)
-    pieced = var._block_causal_attend(unmasked_scales)(0, q, k, v)
+    pieced = var._block_causal_attend(cfg.num_scales, unmasked_scales)(0, q, k, v)
     assert pieced.shape == dense.shape
     assert (pieced - dense).abs().max() < 1e-5
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from engine.models.registry import get_spec, load_into, save_safetensors
@@ -19,7 +20,7 @@ def _log(run):
 
 
 def test_tokenizer_trains_and_resumes(tmp_path):
-    cfg = TokenizerTrainConfig(model="var-micro", steps=2, batch_size=4, bf16=True, log_every=1, save_every=1)
+    cfg = TokenizerTrainConfig(model="var-micro", steps=2, batch_size=4, dtype="bfloat16", log_every=1, save_every=1)
     train_tokenizer(cfg, str(tmp_path), progress=False)
     cfg.steps = 3
     train_tokenizer(cfg, str(tmp_path), progress=False)  # resumes at step 2
@@ -42,3 +43,33 @@ def test_transformer_one_step_and_strict_export(tmp_path):
     fresh = VAR(spec.var)
     load_into(fresh, out)  # strict
     assert torch.allclose(fresh.head.weight, var.head.weight.half().float())
+
+
+def test_transformer_coarse_prefix_steps_and_init_from(tmp_path):
+    """coarse_scales/full_every alternate prefix and full steps; init_from starts from given weights."""
+    spec = get_spec("var-micro")
+    tok = tmp_path / "tok.safetensors"
+    save_safetensors(VQVAE(spec.vae), tok)
+    start = VAR(spec.var)
+    with torch.no_grad():
+        start.head.bias.fill_(0.25)  # a marker no fresh init produces (VAR zeroes the head bias)
+    init = tmp_path / "init.safetensors"
+    export_transformer(start, str(init))
+    cfg = TransformerTrainConfig(model="var-micro", tokenizer=str(tok), num_images=12, steps=4, batch_size=4,
+                                 lr=1e-6, log_every=1, save_every=2, init_from=str(init), coarse_scales=2,
+                                 full_every=2)
+    var = train_transformer(cfg, str(tmp_path / "run"), progress=False)
+    recs = _log(tmp_path / "run")
+    assert [r["scales"] for r in recs] == [spec.var.num_scales, 2, spec.var.num_scales, 2]  # step 0 is full
+    assert [len(r["acc_per_scale"]) for r in recs] == [r["scales"] for r in recs]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert (var.head.bias - 0.25).abs().max() < 0.01  # started from init_from, moved only by a tiny lr
+
+
+@pytest.mark.parametrize(("field", "value"), [("coarse_scales", 0), ("coarse_scales", 99), ("full_every", 0),
+                                              ("batch_size", 0), ("init_from", "/no/such/weights.safetensors")])
+def test_transformer_config_errors_name_the_field(tmp_path, field, value):
+    cfg = TransformerTrainConfig(model="var-micro", num_images=4, steps=1, batch_size=2)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=field):
+        train_transformer(cfg, str(tmp_path / "run"), progress=False)

@@ -228,28 +228,37 @@ class VAR(nn.Module):
         return self.head(self.head_nm(x, cond)).float()
 
     # ----- teacher forcing -----------------------------------------------------------------
-    def forward(self, labels: torch.Tensor, next_inputs: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced forward over all scales with the block-causal mask.
+    def forward(self, labels: torch.Tensor, next_inputs: torch.Tensor, num_scales: int | None = None) -> torch.Tensor:
+        """Teacher-forced forward over the first ``num_scales`` scales (default all) with the
+        block-causal mask.
 
         labels [B] (null class allowed), next_inputs [B, L-1, Cvae] (from the tokenizer's
-        ``teacher_forcing_input``). Returns logits [B, L, V]; position i predicts token i.
+        ``teacher_forcing_input``; only the first L_K - 1 rows are read when ``num_scales`` = K).
+        Returns logits [B, L_K, V]; position i predicts token i. Because a scale never sees a
+        finer one, the logits of a prefix equal those of the same positions in the full
+        forward: training on a prefix is exact, and much cheaper for the coarse scales.
         """
+        k = self.cfg.num_scales if num_scales is None else num_scales
+        if not 1 <= k <= self.cfg.num_scales:
+            raise ValueError(f"num_scales: must be in [1, {self.cfg.num_scales}], got {num_scales}")
+        n = sum(self.cfg.scale_lengths()[:k])
         b = labels.shape[0]
         if self.training and self.cfg.cond_drop_rate > 0:
             drop = torch.rand(b, device=labels.device) < self.cfg.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         cond = self.condition(labels)
         sos = cond.unsqueeze(1) + self.pos_start
-        x = torch.cat((sos, self.word_embed(next_inputs.to(self.word_embed.weight.dtype))), dim=1)
-        x = x + self.lvl_embed(self.lvl_1L.expand(b, -1)) + self.pos_1LC
-        return self.logits(self.run_blocks(x, cond, self._block_causal_attend()), cond)
+        x = torch.cat((sos, self.word_embed(next_inputs[:, : n - 1].to(self.word_embed.weight.dtype))), dim=1)
+        x = x + self.lvl_embed(self.lvl_1L[:, :n].expand(b, -1)) + self.pos_1LC[:, :n]
+        return self.logits(self.run_blocks(x, cond, self._block_causal_attend(k)), cond)
 
-    def _block_causal_attend(self, unmasked_scales: int = 3) -> AttendFn:
-        """Attention under the block-causal mask, computed in pieces: queries of each of the last
-        ``unmasked_scales`` scales see a whole key prefix, so they need no mask and skip the masked
-        (invisible) keys entirely; the short rest of the sequence uses the dense mask. Same result
-        as one masked SDPA over all tokens, ~20% less attention work at var-tiny's shapes."""
-        ends = list(itertools.accumulate(self.cfg.scale_lengths()))
+    def _block_causal_attend(self, num_scales: int, unmasked_scales: int = 3) -> AttendFn:
+        """Attention under the block-causal mask over the first ``num_scales`` scales, computed in
+        pieces: queries of each of the last ``unmasked_scales`` scales see a whole key prefix, so
+        they need no mask and skip the masked (invisible) keys entirely; the short rest of the
+        sequence uses the dense mask. Same result as one masked SDPA over all tokens, ~20% less
+        attention work at var-tiny's shapes."""
+        ends = list(itertools.accumulate(self.cfg.scale_lengths()[:num_scales]))
         split = ends[max(0, len(ends) - 1 - unmasked_scales)]
         bias = self.attn_bias_for_masking[:, :, :split, :split]
         scales = [block.attn.scale for block in self.blocks]

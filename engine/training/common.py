@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -11,12 +10,13 @@ from pathlib import Path
 
 import torch
 
+from engine.precision import autocast_for
 
-def autocast(device: str, bf16: bool):
-    """bf16 autocast on CPU (AMX makes bf16 matmuls ~6x faster than fp32) or CUDA; no-op otherwise."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+def autocast(device: str, dtype: str):
+    """Autocast for a training dtype name: ``auto`` is bf16 where the hardware runs it natively
+    (CUDA, CPUs with AVX512/AMX) and float32 elsewhere (on AVX2, bf16 is ~50x slower)."""
+    return autocast_for(dtype, device)
 
 
 def to_model_input(images_uint8, image_size: int) -> torch.Tensor:

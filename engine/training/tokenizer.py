@@ -30,7 +30,7 @@ class TokenizerTrainConfig:
     warmup: int = 100
     weight_decay: float = 0.0
     l1_weight: float = 0.2
-    bf16: bool = True
+    dtype: str = "auto"  # auto | float32 | bfloat16 (auto: bf16 only where the hardware runs it natively)
     device: str = "cpu"
     seed: int = 0
     save_every: int = 100
@@ -59,7 +59,7 @@ def restart_dead_codes(vae: VQVAE, latents: torch.Tensor, threshold: float, gen:
 
 
 @torch.no_grad()
-def evaluate_tokenizer(vae: VQVAE, num_images: int = 1000, batch: int = 100, bf16: bool = False) -> dict:
+def evaluate_tokenizer(vae: VQVAE, num_images: int = 1000, batch: int = 100, dtype: str = "float32") -> dict:
     """Reconstruction PSNR on held-out images (seed ``EVAL_SEED``) and per-scale codebook usage."""
     was_training = vae.training
     vae.eval()
@@ -67,7 +67,7 @@ def evaluate_tokenizer(vae: VQVAE, num_images: int = 1000, batch: int = 100, bf1
     for start in range(0, num_images, batch):
         imgs, _ = render_batch(EVAL_SEED, start, min(batch, num_images - start))
         x = to_model_input(imgs, vae.cfg.image_size)
-        with autocast("cpu", bf16):
+        with autocast("cpu", dtype):
             idx = vae.img_to_indices(x)
             rec = vae.indices_to_img(idx)
         scores.append(psnr(rec.float(), x))
@@ -99,7 +99,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = Tr
         x = to_model_input(imgs, spec.vae.image_size).to(cfg.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        with autocast(cfg.device, cfg.bf16):
+        with autocast(cfg.device, cfg.dtype):
             latent = vae.encode_latent(x)
             f_hat, vq_loss, _ = vae.quantize(latent)
             rec = vae.decoder(vae.post_quant_conv(f_hat)).float()
