@@ -159,8 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "samples" in what:
         from engine.api import EngineConfig
 
-        summary["samples"] = evaluate.sample_accuracy(model, args.per_class, args.seed,
-                                                      EngineConfig(dtype=args.dtype))
+        summary["samples"] = evaluate.sample_accuracy(model, args.per_class, args.seed, EngineConfig(dtype=args.dtype),
+                                                      cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     if "attention" in what:
         from engine.requests import GenerationRequest
 
@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-class", type=int, default=100, help="generated images per class for accuracy")
     e.add_argument("--attention-requests", type=int, default=16, help="requests for the attention report")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--cfg", type=float, default=None, help="(samples) guidance scale (default: the model's)")
+    e.add_argument("--top-k", type=int, default=None, help="(samples) top-k, 0 disables (default: the model's)")
+    e.add_argument("--top-p", type=float, default=None, help="(samples) top-p, 0 disables (default: the model's)")
     e.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype (default auto)")
     e.set_defaults(func=cmd_eval)
 

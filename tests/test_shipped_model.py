@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -45,3 +47,14 @@ def test_shipped_model_generates_images(tiny):
     res = ImageEngine(tiny, EngineConfig()).generate([GenerationRequest(class_label=3, seed=0, request_id="a")])
     assert res[0].ok and res[0].image.shape == (64, 64, 3) and len(res[0].tokens) == 680
     assert res[0].image.std() > 5  # not a blank image
+
+
+def test_cli_eval_samples_uses_the_given_sampling_settings(tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "samples", "--model", "var-tiny", "--per-class", "1", "--cfg", "1.5", "--top-k", "7",
+                 "--top-p", "0", "--out", str(out)]) == 0
+    rec = json.loads((out / "eval.json").read_text())["samples"]
+    assert (rec["cfg"], rec["top_k"], rec["top_p"], rec["num_images"]) == (1.5, 7, 0, 10)
+    assert 0.0 <= rec["accuracy"] <= 1.0 and len(rec["per_class"]) == 10
