@@ -66,7 +66,7 @@ def test_transformer_coarse_prefix_steps_and_init_from(tmp_path):
     assert (var.head.bias - 0.25).abs().max() < 0.01  # started from init_from, moved only by a tiny lr
 
 
-@pytest.mark.parametrize(("field", "value"), [("coarse_scales", 0), ("coarse_scales", 99), ("full_every", 0),
+@pytest.mark.parametrize(("field", "value"), [("coarse_scales", 1), ("coarse_scales", 99), ("full_every", 0),
                                               ("batch_size", 0), ("init_from", "/no/such/weights.safetensors")])
 def test_transformer_config_errors_name_the_field(tmp_path, field, value):
     cfg = TransformerTrainConfig(model="var-micro", num_images=4, steps=1, batch_size=2)

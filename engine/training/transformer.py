@@ -89,8 +89,8 @@ def validate_config(cfg: TransformerTrainConfig, num_scales: int) -> None:
     for name in ("num_images", "steps", "batch_size", "full_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
-    if cfg.coarse_scales is not None and not 1 <= cfg.coarse_scales <= num_scales:
-        raise ValueError(f"coarse_scales: must be in [1, {num_scales}], got {cfg.coarse_scales}")
+    if cfg.coarse_scales is not None and not 2 <= cfg.coarse_scales <= num_scales:  # scale 1 alone has no input
+        raise ValueError(f"coarse_scales: must be in [2, {num_scales}], got {cfg.coarse_scales}")
     if cfg.init_from is not None and not Path(cfg.init_from).exists():
         raise ValueError(f"init_from: no such file {cfg.init_from!r}")
 
