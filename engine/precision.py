@@ -2,7 +2,7 @@
 
 bf16 is only a speed-up where the hardware runs it natively: CUDA, or a CPU with AVX512
 (oneDNN's bf16 kernels; AVX512-BF16/AMX make them several times faster than fp32). On an
-AVX2-only CPU, PyTorch falls back to a scalar bf16 matmul that is ~50x *slower* than fp32,
+AVX2-only CPU, PyTorch falls back to a bf16 matmul that is 20-70x *slower* than fp32,
 so the default, ``auto``, picks bf16 only where it pays and float32 everywhere else.
 """
 

@@ -15,7 +15,7 @@ from engine.precision import autocast_for
 
 def autocast(device: str, dtype: str):
     """Autocast for a training dtype name: ``auto`` is bf16 where the hardware runs it natively
-    (CUDA, CPUs with AVX512/AMX) and float32 elsewhere (on AVX2, bf16 is ~50x slower)."""
+    (CUDA, CPUs with AVX512/AMX) and float32 elsewhere (on AVX2, bf16 is 20-70x slower)."""
     return autocast_for(dtype, device)
 
 
