@@ -1,4 +1,4 @@
-"""Shared plumbing for the training recipes: resumable checkpoints, logging, schedules, autocast."""
+"""Shared plumbing for the training recipes: resumable checkpoints, logging, schedules."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from engine.precision import autocast_for
-
-
-def autocast(device: str, dtype: str):
-    """Autocast for a training dtype name: ``auto`` is bf16 where the hardware runs it natively
-    (CUDA, CPUs with AVX512/AMX) and float32 elsewhere (on AVX2, bf16 is 20-70x slower)."""
-    return autocast_for(dtype, device)
 
 
 def to_model_input(images_uint8, image_size: int) -> torch.Tensor:

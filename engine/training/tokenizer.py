@@ -17,8 +17,9 @@ from tqdm import tqdm
 from engine.data.shapes import EVAL_SEED, TRAIN_SEED, render_batch
 from engine.models.registry import get_spec, save_safetensors
 from engine.models.vqvae import VQVAE, psnr
+from engine.precision import autocast_for
 
-from .common import RunDir, autocast, lr_at, to_model_input
+from .common import RunDir, lr_at, to_model_input
 
 
 @dataclass
@@ -67,7 +68,7 @@ def evaluate_tokenizer(vae: VQVAE, num_images: int = 1000, batch: int = 100, dty
     for start in range(0, num_images, batch):
         imgs, _ = render_batch(EVAL_SEED, start, min(batch, num_images - start))
         x = to_model_input(imgs, vae.cfg.image_size)
-        with autocast("cpu", dtype):
+        with autocast_for(dtype, "cpu"):
             idx = vae.img_to_indices(x)
             rec = vae.indices_to_img(idx)
         scores.append(psnr(rec.float(), x))
@@ -99,7 +100,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = Tr
         x = to_model_input(imgs, spec.vae.image_size).to(cfg.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        with autocast(cfg.device, cfg.dtype):
+        with autocast_for(cfg.dtype, cfg.device):
             latent = vae.encode_latent(x)
             f_hat, vq_loss, _ = vae.quantize(latent)
             rec = vae.decoder(vae.post_quant_conv(f_hat)).float()

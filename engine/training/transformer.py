@@ -27,8 +27,9 @@ from engine.data.shapes import TRAIN_SEED, render_batch
 from engine.models.registry import get_spec, load_into, save_safetensors
 from engine.models.var import VAR
 from engine.models.vqvae import VQVAE
+from engine.precision import autocast_for
 
-from .common import RunDir, autocast, lr_at, to_model_input
+from .common import RunDir, lr_at, to_model_input
 
 
 @dataclass
@@ -135,7 +136,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
             inputs = vae.quantize.teacher_forcing_input(split_scales(gt, spec.var.patch_nums[:k]))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        with autocast(cfg.device, cfg.dtype):
+        with autocast_for(cfg.dtype, cfg.device):
             logits = var(lab, inputs, num_scales=k)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gt.reshape(-1))
         opt.zero_grad(set_to_none=True)
