@@ -146,6 +146,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engine import evaluate
     from engine.models.registry import build_model
 
+    if args.what == "prefix":
+        try:
+            forced = [int(k) for k in args.forced.split(",")]
+        except ValueError:
+            raise ValueError(f"--forced: expected comma-separated integers, got {args.forced!r}") from None
     _set_threads(args.threads)
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
     out = Path(args.out)
@@ -178,6 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate.sample_grid(model, out / "samples_grid.png", per_class=8, seed=args.seed,
                              engine_config=EngineConfig(dtype=args.dtype))
         summary["grid"] = str(out / "samples_grid.png")
+    if "prefix" in what:
+        summary["prefix"] = evaluate.forced_prefix_accuracy(model, forced, args.per_class, dtype=args.dtype)
     evaluate.save_json(summary, out / "eval.json")
     print(json.dumps(summary, indent=1))
     return 0
@@ -206,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="evaluate a model: tokenizer PSNR, sample class accuracy, attention report")
-    e.add_argument("what", choices=["tokenizer", "samples", "attention", "grid", "all"])
+    e.add_argument("what", choices=["tokenizer", "samples", "attention", "grid", "prefix", "all"],
+                   help="prefix: teacher-force the first k scales of real images, sample the rest, classify "
+                        "(where samples lose their class; not part of all)")
     _add_model_args(e)
     e.add_argument("--out", default="out/eval", help="folder for eval.json and the attention report")
     e.add_argument("--num-images", type=int, default=1000, help="held-out images for tokenizer PSNR")
@@ -217,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top-k", type=int, default=None, help="(samples) top-k, 0 disables (default: the model's)")
     e.add_argument("--top-p", type=float, default=None, help="(samples) top-p, 0 disables (default: the model's)")
     e.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute dtype (default auto)")
+    e.add_argument("--forced", default="0,6,8,10", help="(prefix) comma-separated numbers of forced scales")
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train the tokenizer, the transformer or the eval classifier")

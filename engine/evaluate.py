@@ -159,6 +159,54 @@ def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, eng
 
 
 @torch.no_grad()
+def forced_prefix_accuracy(model: LoadedModel, forced_scales: list[int], per_class: int = 20, start: int = 0,
+                           batch: int = 100, dtype: str = "float32", progress: bool = True) -> dict:
+    """Where do samples lose their class? For each k in ``forced_scales``, the first k scales of
+    held-out images (split ``EVAL_SEED``, indices ``start``..) are teacher-forced from their real
+    tokens and the remaining scales are sampled with the image's class and the model's default
+    sampling settings; the shipped classifier scores the results. k = 0 is plain sampling; k = all
+    scales is the tokenizer's reconstruction. Accuracy that jumps between k and k' says the scales
+    in between are where the model goes wrong."""
+    from tqdm import tqdm
+
+    from .data.shapes import EVAL_SEED, render_batch, to_tensor
+    from .models.classifier import load_classifier, predict
+    from .reference import generate_reference
+
+    spec = model.spec
+    n_scales, n_cls = spec.var.num_scales, spec.var.num_classes
+    for k in forced_scales:
+        if not 0 <= k <= n_scales:
+            raise ValueError(f"forced_scales: each must be in [0, {n_scales}], got {k}")
+    if spec.vae.image_size != 64:
+        raise ValueError(f"model {spec.name!r}: the shape classifier needs 64x64 images, got {spec.vae.image_size}")
+    n = per_class * n_cls  # labels are index % num_classes, so this window is balanced
+    imgs, labels = render_batch(EVAL_SEED, start, n)
+    labels = torch.as_tensor(labels)
+    classifier = load_classifier()
+    out: dict[str, dict] = {}
+    bar = tqdm(total=n * len(forced_scales), desc="forced prefix", disable=not progress)
+    for k in forced_scales:
+        images = []
+        for i in range(0, n, batch):
+            x = to_tensor(imgs[i : i + batch])
+            real = model.vae.img_to_indices(x.to(next(model.vae.parameters()).device))
+            reqs = [GenerationRequest(class_label=int(labels[j]), seed=start + j, request_id=str(j),
+                                      cfg=spec.default_cfg, top_k=spec.default_top_k, top_p=spec.default_top_p)
+                    for j in range(i, i + x.shape[0])]
+            res = generate_reference(model, reqs, dtype=dtype, forced_tokens=real[:k])
+            images += [torch.from_numpy(r.image) for r in res]
+            bar.update(len(reqs))
+        x = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        pred = predict(classifier, x)
+        out[str(k)] = {"accuracy": float((pred == labels).float().mean()),
+                       "per_class": [float((pred[labels == c] == c).float().mean()) for c in range(n_cls)]}
+    bar.close()
+    return {"forced_scales": out, "num_images": n, "cfg": spec.default_cfg, "top_k": spec.default_top_k,
+            "top_p": spec.default_top_p}
+
+
+@torch.no_grad()
 def sample_grid(model: LoadedModel, path: str | Path, per_class: int = 8, seed: int = 0, engine_config=None) -> None:
     """A PNG grid: one row per class, ``per_class`` samples each (seeds seed..seed+per_class-1)."""
     import numpy as np

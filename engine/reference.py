@@ -45,12 +45,29 @@ class ContiguousKVCache:
 
 @torch.no_grad()
 def generate_reference(
-    model: LoadedModel, requests: list[GenerationRequest], dtype: str = "float32"
+    model: LoadedModel,
+    requests: list[GenerationRequest],
+    dtype: str = "float32",
+    forced_tokens: list[torch.Tensor] | None = None,
 ) -> list[GenerationResult]:
     """Generate one image per request in a single batch (requests must be resolved: cfg, top_k
-    and top_p set). ``kv_peak_bytes`` is the batch's cache at its peak divided among requests."""
+    and top_p set). ``kv_peak_bytes`` is the batch's cache at its peak divided among requests.
+
+    ``forced_tokens`` (a diagnostic): tokens [B, p_k^2] of the first ``len(forced_tokens)`` scales,
+    used instead of sampling them (the model still runs those scales, so its cache is the one
+    it would have built had it sampled exactly these tokens). Forcing a real image's coarse
+    scales and sampling the rest shows at which scales a model loses what the image should be.
+    """
     if not requests:
         return []
+    forced = forced_tokens or []
+    if len(forced) > model.spec.var.num_scales:
+        raise ValueError(f"forced_tokens: {len(forced)} scales given, the model has {model.spec.var.num_scales}")
+    for si, t in enumerate(forced):
+        side = model.spec.var.patch_nums[si]
+        if tuple(t.shape) != (len(requests), side * side):
+            want = (len(requests), side * side)
+            raise ValueError(f"forced_tokens[{si}]: expected shape {want}, got {tuple(t.shape)}")
     t0 = time.perf_counter()
     var, vae, spec = model.var, model.vae, model.spec
     device = next(var.parameters()).device
@@ -67,6 +84,8 @@ def generate_reference(
             x = var.embed_scale(si, cond, None if si == 0 else torch.cat((next_input, next_input)))
             logits = var.logits(var.run_blocks(x, cond, cache.attend), cond)
             idx = sample_scale(logits[:b], logits[b:], requests, generators, si, num_scales).to(device)
+            if si < len(forced):  # sampled anyway, so each request's generator stays on its own stream
+                idx = forced[si].to(device=device, dtype=idx.dtype)
             tokens.append(idx)
             next_input = state.add(si, idx)
     images = image_to_uint8(vae.fhat_to_img(state.f_hat))

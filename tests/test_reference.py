@@ -43,6 +43,38 @@ def test_bf16_autocast_runs_on_cpu(micro_model):
     assert all(0 <= t < micro_model.spec.var.vocab_size for t in out[0].tokens)
 
 
+def test_forced_tokens_replace_the_first_scales_and_all_forced_decodes_them(micro_model):
+    """Forcing k scales: those tokens come out as given, later scales are still sampled (and
+    follow from the forced context); forcing every scale reproduces the tokenizer's decode."""
+    import torch
+
+    spec, vae = micro_model.spec, micro_model.vae
+    x = torch.rand(3, 3, spec.vae.image_size, spec.vae.image_size) * 2 - 1
+    real = vae.img_to_indices(x)
+    lens = [p * p for p in spec.var.patch_nums]
+    free = generate_reference(micro_model, _reqs(3))
+    part = generate_reference(micro_model, _reqs(3), forced_tokens=real[:2])
+    for i, r in enumerate(part):
+        assert r.tokens[: sum(lens[:2])] == torch.cat([t[i] for t in real[:2]]).tolist()
+    assert [r.tokens for r in part] != [r.tokens for r in free]
+    full = generate_reference(micro_model, _reqs(3), forced_tokens=real)
+    assert [r.tokens for r in full] == torch.cat(real, dim=1).tolist()
+    decoded = (vae.indices_to_img(real).float().clamp(-1, 1) + 1) * 127.5
+    got = torch.stack([torch.from_numpy(r.image) for r in full]).permute(0, 3, 1, 2).float()
+    assert float((got - decoded).abs().max()) <= 0.5 + 1e-3  # same decode, up to uint8 rounding
+
+
+def test_forced_tokens_of_the_wrong_shape_are_rejected(micro_model):
+    import torch
+
+    with pytest.raises(ValueError, match=r"forced_tokens\[1\]"):
+        generate_reference(micro_model, _reqs(2), forced_tokens=[torch.zeros(2, 1, dtype=torch.long),
+                                                                 torch.zeros(2, 3, dtype=torch.long)])
+    too_many = [torch.zeros(2, 1, dtype=torch.long)] * (micro_model.spec.var.num_scales + 1)
+    with pytest.raises(ValueError, match="forced_tokens"):
+        generate_reference(micro_model, _reqs(2), forced_tokens=too_many)
+
+
 def test_bad_dtype_is_rejected(micro_model):
     with pytest.raises(ValueError, match="dtype"):
         generate_reference(micro_model, _reqs(1), dtype="float16x")

@@ -69,3 +69,26 @@ def test_cli_eval_samples_uses_the_given_sampling_settings(tmp_path, capsys):
     rec = json.loads((out / "eval.json").read_text())["samples"]
     assert (rec["cfg"], rec["top_k"], rec["top_p"], rec["num_images"]) == (1.5, 7, 0, 10)
     assert 0.0 <= rec["accuracy"] <= 1.0 and len(rec["per_class"]) == 10
+
+
+def test_cli_eval_prefix_forcing_every_scale_reproduces_real_images(tmp_path, capsys):
+    """`scalekv eval prefix`: with all 10 scales forced the samples are the tokenizer's decodes of
+    real held-out images, which the classifier gets right (partial forcing: tests/test_reference)."""
+    from engine.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "prefix", "--model", "var-tiny", "--per-class", "1", "--forced", "10",
+                 "--out", str(out), "--threads", "2"]) == 0
+    rec = json.loads((out / "eval.json").read_text())["prefix"]
+    assert rec["num_images"] == 10 and set(rec["forced_scales"]) == {"10"}
+    assert rec["forced_scales"]["10"]["accuracy"] >= 0.9
+
+
+def test_cli_eval_prefix_rejects_bad_scale_lists(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["eval", "prefix", "--model", "var-tiny", "--forced", "0,x", "--out", str(tmp_path)]) == 2
+    assert "--forced" in capsys.readouterr().err
+    assert main(["eval", "prefix", "--model", "var-tiny", "--forced", "11", "--out", str(tmp_path)]) == 2
+    assert "forced_scales" in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()
