@@ -64,9 +64,8 @@ def generate_reference(
     if len(forced) > model.spec.var.num_scales:
         raise ValueError(f"forced_tokens: {len(forced)} scales given, the model has {model.spec.var.num_scales}")
     for si, t in enumerate(forced):
-        side = model.spec.var.patch_nums[si]
-        if tuple(t.shape) != (len(requests), side * side):
-            want = (len(requests), side * side)
+        want = (len(requests), model.spec.var.patch_nums[si] ** 2)
+        if tuple(t.shape) != want:
             raise ValueError(f"forced_tokens[{si}]: expected shape {want}, got {tuple(t.shape)}")
     t0 = time.perf_counter()
     var, vae, spec = model.var, model.vae, model.spec
