@@ -175,6 +175,7 @@ def forced_prefix_accuracy(model: LoadedModel, forced_scales: list[int], per_cla
 
     spec = model.spec
     n_scales, n_cls = spec.var.num_scales, spec.var.num_classes
+    forced_scales = list(dict.fromkeys(forced_scales))  # a repeated k is one run
     for k in forced_scales:
         if not 0 <= k <= n_scales:
             raise ValueError(f"forced_scales: each must be in [0, {n_scales}], got {k}")
@@ -184,24 +185,25 @@ def forced_prefix_accuracy(model: LoadedModel, forced_scales: list[int], per_cla
     imgs, labels = render_batch(EVAL_SEED, start, n)
     labels = torch.as_tensor(labels)
     classifier = load_classifier()
-    out: dict[str, dict] = {}
+    images: dict[int, list[torch.Tensor]] = {k: [] for k in forced_scales}
     bar = tqdm(total=n * len(forced_scales), desc="forced prefix", disable=not progress)
-    for k in forced_scales:
-        images = []
-        for i in range(0, n, batch):
-            x = to_tensor(imgs[i : i + batch])
-            real = model.vae.img_to_indices(x.to(next(model.vae.parameters()).device))
-            reqs = [GenerationRequest(class_label=int(labels[j]), seed=start + j, request_id=str(j),
-                                      cfg=spec.default_cfg, top_k=spec.default_top_k, top_p=spec.default_top_p)
-                    for j in range(i, i + x.shape[0])]
+    for i in range(0, n, batch):
+        x = to_tensor(imgs[i : i + batch])
+        real = model.vae.img_to_indices(x.to(next(model.vae.parameters()).device))  # once for every k
+        reqs = [GenerationRequest(class_label=int(labels[j]), seed=start + j, request_id=str(j),
+                                  cfg=spec.default_cfg, top_k=spec.default_top_k, top_p=spec.default_top_p)
+                for j in range(i, i + x.shape[0])]
+        for k in forced_scales:
             res = generate_reference(model, reqs, dtype=dtype, forced_tokens=real[:k])
-            images += [torch.from_numpy(r.image) for r in res]
+            images[k] += [torch.from_numpy(r.image) for r in res]
             bar.update(len(reqs))
-        x = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    bar.close()
+    out: dict[str, dict] = {}
+    for k in forced_scales:
+        x = torch.stack(images[k]).permute(0, 3, 1, 2).float() / 127.5 - 1
         pred = predict(classifier, x)
         out[str(k)] = {"accuracy": float((pred == labels).float().mean()),
                        "per_class": [float((pred[labels == c] == c).float().mean()) for c in range(n_cls)]}
-    bar.close()
     return {"forced_scales": out, "num_images": n, "cfg": spec.default_cfg, "top_k": spec.default_top_k,
             "top_p": spec.default_top_p}
 

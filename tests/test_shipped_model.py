@@ -49,7 +49,6 @@ def test_shipped_model_generates_images(tiny):
     assert res[0].image.std() > 5  # not a blank image
 
 
-
 def test_shipped_model_generates_the_requested_shapes_well_above_chance(tiny):
     """Samples at the default settings are scored by the shipped shape classifier: 3 seeds per class
     must be classified correctly at least 3x as often as chance (10%). The model card's figure is
@@ -59,6 +58,7 @@ def test_shipped_model_generates_the_requested_shapes_well_above_chance(tiny):
     rec = sample_accuracy(tiny, per_class=3, seed=0, progress=False)
     assert rec["num_images"] == 30
     assert rec["accuracy"] >= 0.3, rec
+
 
 def test_cli_eval_samples_uses_the_given_sampling_settings(tmp_path, capsys):
     from engine.cli import main
