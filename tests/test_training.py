@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from engine.models.registry import get_spec, load_into, save_safetensors
 from engine.models.var import VAR
 from engine.models.vqvae import VQVAE
 from engine.training.tokenizer import TokenizerTrainConfig, train_tokenizer
-from engine.training.transformer import TransformerTrainConfig, export_transformer, train_transformer
+from engine.training.transformer import TransformerTrainConfig, export_transformer, pretokenize, train_transformer
 
 
 def _log(run):
@@ -64,6 +65,31 @@ def test_transformer_coarse_prefix_steps_and_init_from(tmp_path):
     assert [len(r["acc_per_scale"]) for r in recs] == [r["scales"] for r in recs]
     assert all(math.isfinite(r["loss"]) for r in recs)
     assert (var.head.bias - 0.25).abs().max() < 0.01  # started from init_from, moved only by a tiny lr
+
+
+def test_pretokenize_extends_a_smaller_set(tmp_path, monkeypatch):
+    """A larger num_images renders only the missing images; the result equals a one-go run."""
+    import engine.training.transformer as trainer
+
+    rendered = []
+    real_render = trainer.render_batch
+    monkeypatch.setattr(trainer, "render_batch", lambda seed, start, count: (
+        rendered.extend(range(start, start + count)) or real_render(seed, start, count)))
+    vae = VQVAE(get_spec("var-micro").vae).eval()
+    grown, direct = tmp_path / "grown", tmp_path / "direct"
+    grown.mkdir()
+    direct.mkdir()
+    pretokenize(vae, 5, grown, batch=2, progress=False)
+    first = np.load(grown / "tokens.npy")
+    rendered.clear()
+    pretokenize(vae, 9, grown, batch=2, progress=False)
+    assert rendered == [5, 6, 7, 8]  # only the new images
+    pretokenize(vae, 9, direct, batch=4, progress=False)
+    for name in ("tokens.npy", "labels.npy"):
+        assert np.array_equal(np.load(grown / name), np.load(direct / name)), name
+    assert np.array_equal(np.load(grown / "tokens.npy")[:5], first)
+    pretokenize(vae, 3, grown, progress=False)  # a smaller request keeps the set on disk
+    assert len(np.load(grown / "labels.npy")) == 9
 
 
 @pytest.mark.parametrize(("field", "value"), [("coarse_scales", 1), ("coarse_scales", 99), ("full_every", 0),

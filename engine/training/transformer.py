@@ -55,13 +55,20 @@ class TransformerTrainConfig:
 
 @torch.no_grad()
 def pretokenize(vae: VQVAE, num_images: int, out: Path, batch: int = 250, progress: bool = True) -> None:
-    """Render and encode ``num_images`` training images once: ``tokens.npy`` [N, L] int16 and
-    ``labels.npy`` [N] int64 in ``out``. Resumable: skips work already on disk."""
+    """Render and encode training images ``0..num_images-1`` once: ``tokens.npy`` [N, L] int16 and
+    ``labels.npy`` [N] int64 in ``out``. Resumable and extendable: a set already on disk is kept
+    and only the missing images are rendered, so a follow-up run with a larger ``num_images``
+    (fresh images for a model that has seen the first ones) pays only for the new ones. A set
+    at least as large is left as is; training reads its first ``num_images`` rows."""
     tok_path, lab_path = out / "tokens.npy", out / "labels.npy"
-    if tok_path.exists() and lab_path.exists() and len(np.load(lab_path, mmap_mode="r")) == num_images:
-        return
-    chunks, labels = [], []
-    for start in tqdm(range(0, num_images, batch), desc="pretokenize", disable=not progress):
+    have = 0
+    if tok_path.exists() and lab_path.exists():
+        have = len(np.load(lab_path, mmap_mode="r"))
+        if have >= num_images:
+            return
+    chunks = [np.load(tok_path)] if have else []
+    labels = [np.load(lab_path)] if have else []
+    for start in tqdm(range(have, num_images, batch), desc="pretokenize", disable=not progress):
         imgs, lab = render_batch(TRAIN_SEED, start, min(batch, num_images - start))
         idx = vae.img_to_indices(to_model_input(imgs, vae.cfg.image_size))
         chunks.append(torch.cat(idx, dim=1).to(torch.int16).numpy())
@@ -111,8 +118,8 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     load_into(vae, cfg.tokenizer)
     vae.eval()
     pretokenize(vae, cfg.num_images, run.path, progress=progress)
-    tokens = torch.from_numpy(np.load(run.path / "tokens.npy").astype(np.int64))
-    labels = torch.from_numpy(np.load(run.path / "labels.npy"))
+    tokens = torch.from_numpy(np.load(run.path / "tokens.npy")[: cfg.num_images].astype(np.int64))
+    labels = torch.from_numpy(np.load(run.path / "labels.npy")[: cfg.num_images])
 
     torch.manual_seed(cfg.seed)
     var = VAR(spec.var)
