@@ -67,6 +67,19 @@ def test_transformer_coarse_prefix_steps_and_init_from(tmp_path):
     assert (var.head.bias - 0.25).abs().max() < 0.01  # started from init_from, moved only by a tiny lr
 
 
+def test_log_points_on_prefix_steps_also_log_the_next_full_step(tmp_path):
+    """full_every 2 with an even log_every puts every log point on a prefix step; the next full step is logged."""
+    spec = get_spec("var-micro")
+    tok = tmp_path / "tok.safetensors"
+    save_safetensors(VQVAE(spec.vae), tok)
+    cfg = TransformerTrainConfig(model="var-micro", tokenizer=str(tok), num_images=8, steps=6, batch_size=2,
+                                 log_every=2, save_every=6, coarse_scales=2, full_every=2)
+    train_transformer(cfg, str(tmp_path / "run"), progress=False)
+    recs = _log(tmp_path / "run")
+    n = spec.var.num_scales
+    assert [(r["step"], r["scales"]) for r in recs] == [(2, 2), (3, n), (4, 2), (5, n), (6, 2)]
+
+
 def test_pretokenize_extends_a_smaller_set(tmp_path, monkeypatch):
     """A larger num_images renders only the missing images; the result equals a one-go run."""
     import engine.training.transformer as trainer

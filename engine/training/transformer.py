@@ -134,6 +134,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     n_scales = spec.var.num_scales
     bar = tqdm(total=cfg.steps, initial=step, desc="transformer", disable=not progress, dynamic_ncols=True)
     t_last = time.time()
+    owe_full_log = False  # a log point fell on a prefix step: log the next full step as well
     while step < cfg.steps:
         pick = torch.randint(0, tokens.shape[0], (cfg.batch_size,), generator=gen)
         gt, lab = tokens[pick].to(cfg.device), labels[pick].to(cfg.device)
@@ -155,7 +156,12 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
         elapsed += now - t_last
         t_last = now
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        at_log_point = step % cfg.log_every == 0 or step == cfg.steps
+        # with coarse steps, a log point can keep landing on prefix steps (e.g. full_every 2, log_every 10);
+        # then the next full step is logged too, so the log always shows the fine scales' accuracy
+        log_full_late = owe_full_log and k == n_scales
+        owe_full_log = (owe_full_log or at_log_point) and k != n_scales
+        if at_log_point or log_full_late:
             with torch.no_grad():
                 hit = (logits.argmax(-1) == gt).float().mean(0)
                 acc = [round(float(a.mean()), 4) for a in hit.split(lens[:k])]
