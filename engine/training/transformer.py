@@ -118,8 +118,9 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     load_into(vae, cfg.tokenizer)
     vae.eval()
     pretokenize(vae, cfg.num_images, run.path, progress=progress)
-    tokens = torch.from_numpy(np.load(run.path / "tokens.npy")[: cfg.num_images].astype(np.int64))
-    labels = torch.from_numpy(np.load(run.path / "labels.npy")[: cfg.num_images])
+    # memory-mapped, so a larger set on disk costs only the rows this run uses
+    tokens = torch.from_numpy(np.load(run.path / "tokens.npy", mmap_mode="r")[: cfg.num_images].astype(np.int64))
+    labels = torch.from_numpy(np.array(np.load(run.path / "labels.npy", mmap_mode="r")[: cfg.num_images]))
 
     torch.manual_seed(cfg.seed)
     var = VAR(spec.var)
