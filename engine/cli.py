@@ -130,7 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      tokenizer=args.tokenizer_weights or TransformerTrainConfig.tokenizer,
                                      num_images=args.num_images or d.num_images, warmup=args.warmup or d.warmup,
                                      init_from=args.init_from, coarse_scales=args.coarse_scales,
-                                     full_every=args.full_every or d.full_every)
+                                     full_every=args.full_every or d.full_every,
+                                     perturb_rate=args.perturb_rate if args.perturb_rate is not None
+                                     else d.perturb_rate)
         var = train_transformer(cfg, args.run_dir)
         export_transformer(var, str(Path(args.run_dir) / "transformer.safetensors"))
     else:
@@ -249,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(transformer) train most steps on the first K scales only (exact, ~3x cheaper for K=8)")
     t.add_argument("--full-every", type=int, default=None,
                    help="(transformer) with --coarse-scales: every N-th step trains on all scales (default 1)")
+    t.add_argument("--perturb-rate", type=float, default=None,
+                   help="(transformer) self-correction: replace up to this fraction of each fed scale's tokens by "
+                        "nearby codes and re-quantise later targets (default 0: plain teacher forcing)")
     t.set_defaults(func=cmd_train)
     __import__("memory.cli", fromlist=["register"]).register(sub)  # scalekv calibrate, scalekv bench fidelity
     __import__("benchmarks.cli", fromlist=["register"]).register(sub)  # scalekv bench load

@@ -10,6 +10,16 @@ forward. The coarse and middle scales fix layout and shape (what makes a sample 
 but hold few tokens (255 of 680 up to 10x10 on var-tiny), so most steps can train on that prefix
 alone at about a third of the cost, and every ``full_every``-th step on all scales keeps the
 fine scales trained.
+
+Self-correction (``perturb_rate``): with plain teacher forcing the model only ever sees the
+tokenizer's own tokens as its input, but at sampling time it reads its own draws, which differ
+from them in a third or more of the fine-scale tokens. Following Infinity's bitwise
+self-correction, a fraction of each scale's tokens (uniform in [0, perturb_rate] per image and
+scale) is replaced by a nearby code before it is fed on, and the later scales' targets are
+re-quantised from what is then left to reach the ground-truth map, so the model learns to
+correct earlier mistakes instead of continuing them. ``codebook_neighbours`` picks "nearby":
+the replacement is one of the code's nearest codebook entries, the kind of confusion a model
+that has the coarse picture right makes.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from tqdm import tqdm
 from engine.data.shapes import TRAIN_SEED, render_batch
 from engine.models.registry import get_spec, load_into, save_safetensors
 from engine.models.var import VAR
-from engine.models.vqvae import VQVAE
+from engine.models.vqvae import VQVAE, MultiScaleQuantizer, NextScaleInput
 from engine.precision import autocast_for
 
 from .common import RunDir, lr_at, to_model_input
@@ -48,6 +58,8 @@ class TransformerTrainConfig:
     init_from: str | None = None  # transformer weights to start a new run from (a fresh run starts at random)
     coarse_scales: int | None = None  # train most steps on the first K scales only (None: always all scales)
     full_every: int = 1  # with coarse_scales: every full_every-th step trains on all scales
+    perturb_rate: float = 0.0  # self-correction: replace up to this fraction of each fed scale's tokens (0: off)
+    perturb_neighbours: int = 8  # replacements are drawn from each code's this many nearest codebook entries
     seed: int = 0
     save_every: int = 20
     log_every: int = 10
@@ -97,10 +109,71 @@ def validate_config(cfg: TransformerTrainConfig, num_scales: int) -> None:
     for name in ("num_images", "steps", "batch_size", "full_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.perturb_rate <= 1.0:
+        raise ValueError(f"perturb_rate: must be in [0, 1], got {cfg.perturb_rate}")
+    if cfg.perturb_neighbours < 1:
+        raise ValueError(f"perturb_neighbours: must be >= 1, got {cfg.perturb_neighbours}")
     if cfg.coarse_scales is not None and not 2 <= cfg.coarse_scales <= num_scales:  # scale 1 alone has no input
         raise ValueError(f"coarse_scales: must be in [2, {num_scales}], got {cfg.coarse_scales}")
     if cfg.init_from is not None and not Path(cfg.init_from).exists():
         raise ValueError(f"init_from: no such file {cfg.init_from!r}")
+
+
+@torch.no_grad()
+def codebook_neighbours(q: MultiScaleQuantizer, n: int) -> torch.Tensor:
+    """[V, n]: for each code, its ``n`` nearest other codes by embedding distance."""
+    codes = q.embedding.weight.float()
+    dist = torch.cdist(codes, codes)
+    dist.fill_diagonal_(float("inf"))
+    return dist.topk(min(n, codes.shape[0] - 1), dim=1, largest=False).indices
+
+
+@torch.no_grad()
+def self_correction_batch(q: MultiScaleQuantizer, latent: torch.Tensor, gt: list[torch.Tensor], num_scales: int,
+                          rate: float, neighbours: torch.Tensor,
+                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing with perturbed inputs: the images' encoder latents [B, C, H, W] and their
+    ground-truth tokens per scale -> (inputs and targets of the first ``num_scales`` scales:
+    [B, L_k - 1, C] and [B, L_k]).
+
+    Each fed scale has a fraction of its tokens (uniform in [0, rate] per image) replaced by a
+    random one of their ``neighbours``. Once an image has been perturbed, each later scale's
+    target is re-quantised from the residual between its latent and the perturbed map
+    accumulated so far, exactly as the tokenizer encodes; until then its targets are its
+    ground-truth tokens (which that re-quantisation reproduces). With rate 0 this is
+    ``teacher_forcing_input`` and the ground truth.
+    """
+    b, device = latent.shape[0], latent.device
+    latent = latent.float()
+    state = NextScaleInput(q, b, device)
+    drifted = torch.zeros(b, dtype=torch.bool, device=device)
+    inputs, targets = [], []
+    for si, tok in enumerate(gt[:num_scales]):
+        if drifted.any():
+            side = q.patch_nums[si]
+            residual = latent - state.f_hat
+            if si != q.num_scales - 1:
+                residual = F.interpolate(residual, size=(side, side), mode="area")
+            tok = torch.where(drifted[:, None], q.nearest_code(residual), tok)
+        targets.append(tok)
+        if si == num_scales - 1:
+            break
+        amount = torch.rand(b, 1, generator=gen) * rate
+        flip = (torch.rand(tok.shape, generator=gen) < amount).to(device)
+        pick = torch.randint(0, neighbours.shape[1], tok.shape, generator=gen).to(device)
+        fed = torch.where(flip, neighbours.to(device)[tok, pick], tok)
+        drifted |= flip.any(dim=1)
+        inputs.append(state.add(si, fed))
+    return torch.cat(inputs, dim=1), torch.cat(targets, dim=1)
+
+
+@torch.no_grad()
+def encode_training_images(vae: VQVAE, indices: torch.Tensor) -> torch.Tensor:
+    """Render training images by index and encode them: latents [B, C, H, W]. Rendering is
+    per index, so this is the same image ``pretokenize`` tokenised for that row."""
+    imgs = np.concatenate([render_batch(TRAIN_SEED, int(i), 1)[0] for i in indices])
+    device = next(vae.parameters()).device
+    return vae.encode_latent(to_model_input(imgs, vae.cfg.image_size).to(device))
 
 
 def scales_at(step: int, cfg: TransformerTrainConfig, num_scales: int) -> int:
@@ -118,6 +191,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     load_into(vae, cfg.tokenizer)
     vae.eval()
     pretokenize(vae, cfg.num_images, run.path, progress=progress)
+    vae.to(cfg.device)  # builds the transformer's inputs from tokens on cfg.device
     # memory-mapped, so a larger set on disk costs only the rows this run uses
     tokens = torch.from_numpy(np.load(run.path / "tokens.npy", mmap_mode="r")[: cfg.num_images].astype(np.int64))
     labels = torch.from_numpy(np.array(np.load(run.path / "labels.npy", mmap_mode="r")[: cfg.num_images]))
@@ -133,6 +207,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     var.train()
     lens = spec.var.scale_lengths()
     n_scales = spec.var.num_scales
+    neighbours = codebook_neighbours(vae.quantize, cfg.perturb_neighbours) if cfg.perturb_rate > 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc="transformer", disable=not progress, dynamic_ncols=True)
     t_last = time.time()
     owe_full_log = False  # a log point fell on a prefix step: log the next full step as well
@@ -140,9 +215,14 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
         pick = torch.randint(0, tokens.shape[0], (cfg.batch_size,), generator=gen)
         gt, lab = tokens[pick].to(cfg.device), labels[pick].to(cfg.device)
         k = scales_at(step, cfg, n_scales)
-        gt = gt[:, : sum(lens[:k])]
-        with torch.no_grad():
-            inputs = vae.quantize.teacher_forcing_input(split_scales(gt, spec.var.patch_nums[:k]))
+        if cfg.perturb_rate > 0:
+            latent = encode_training_images(vae, pick)
+            inputs, gt = self_correction_batch(vae.quantize, latent, split_scales(gt, spec.var.patch_nums), k,
+                                               cfg.perturb_rate, neighbours, gen)
+        else:
+            gt = gt[:, : sum(lens[:k])]
+            with torch.no_grad():
+                inputs = vae.quantize.teacher_forcing_input(split_scales(gt, spec.var.patch_nums[:k]))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         with autocast_for(cfg.dtype, cfg.device):
