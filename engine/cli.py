@@ -132,7 +132,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      init_from=args.init_from, coarse_scales=args.coarse_scales,
                                      full_every=args.full_every or d.full_every,
                                      perturb_rate=args.perturb_rate if args.perturb_rate is not None
-                                     else d.perturb_rate)
+                                     else d.perturb_rate, time_budget_s=args.time_budget,
+                                     render_workers=args.render_workers or d.render_workers,
+                                     save_every=args.save_every or d.save_every,
+                                     log_every=args.log_every or d.log_every)
         var = train_transformer(cfg, args.run_dir)
         export_transformer(var, str(Path(args.run_dir) / "transformer.safetensors"))
     else:
@@ -254,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--perturb-rate", type=float, default=None,
                    help="(transformer) self-correction: replace up to this fraction of each fed scale's tokens by "
                         "nearby codes and re-quantise later targets (default 0: plain teacher forcing)")
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="(transformer) size the run to this many seconds of training instead of --steps: "
+                        "the warm-up's throughput sets the step count (e.g. for a lent GPU)")
+    t.add_argument("--render-workers", type=int, default=None,
+                   help="(transformer) processes rendering the training set while --device encodes it (default 1)")
+    t.add_argument("--save-every", type=int, default=None,
+                   help="(transformer) steps between resumable checkpoints (default 20; raise it on a GPU)")
+    t.add_argument("--log-every", type=int, default=None, help="(transformer) steps between log records (default 10)")
     t.set_defaults(func=cmd_train)
     __import__("memory.cli", fromlist=["register"]).register(sub)  # scalekv calibrate, scalekv bench fidelity
     __import__("benchmarks.cli", fromlist=["register"]).register(sub)  # scalekv bench load

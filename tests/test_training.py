@@ -179,3 +179,47 @@ def test_transformer_trains_with_self_correction(tmp_path):
     recs = _log(tmp_path / "run")
     assert [r["scales"] for r in recs] == [spec.var.num_scales, 2]
     assert all(math.isfinite(r["loss"]) for r in recs)
+
+
+def test_pretokenize_with_render_workers_gives_the_same_set(tmp_path):
+    """Rendering in worker processes changes where images are drawn, not which: the sets match."""
+    vae = VQVAE(get_spec("var-micro").vae).eval()
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    pretokenize(vae, 7, one, batch=3, progress=False)
+    pretokenize(vae, 7, two, batch=2, progress=False, workers=2)
+    for name in ("tokens.npy", "labels.npy"):
+        assert np.array_equal(np.load(one / name), np.load(two / name)), name
+
+
+def test_time_budget_sizes_the_run_after_warmup_and_resume_keeps_it(tmp_path):
+    """With a time budget the step count is fixed at the end of the warm-up (logged, checkpointed),
+    the run stops there, and a resumed run keeps that length instead of re-sizing."""
+    spec = get_spec("var-micro")
+    tok = tmp_path / "tok.safetensors"
+    save_safetensors(VQVAE(spec.vae), tok)
+    cfg = TransformerTrainConfig(model="var-micro", tokenizer=str(tok), num_images=8, steps=1, batch_size=2,
+                                 warmup=10, log_every=1000, save_every=1000, time_budget_s=1.0)
+    run = tmp_path / "run"
+    train_transformer(cfg, str(run), progress=False)
+    recs = _log(run)
+    sized = [r for r in recs if "sized_steps" in r]
+    assert len(sized) == 1 and sized[0]["step"] == cfg.warmup
+    total = sized[0]["sized_steps"]
+    assert total > cfg.warmup  # cfg.steps (1) was replaced by the sized length
+    assert recs[-1]["step"] == total  # the last step is logged
+    state = torch.load(run / "ckpt.pt", weights_only=False)
+    assert state["step"] == total and state["config"]["steps"] == total
+    train_transformer(cfg, str(run), progress=False)  # resumed at the end: nothing more to do
+    assert _log(run) == recs
+
+
+@pytest.mark.parametrize(("field", "changes"), [("time_budget_s", {"time_budget_s": 0.0}),
+                                                ("warmup", {"time_budget_s": 60.0, "warmup": 3}),
+                                                ("render_workers", {"render_workers": 0}),
+                                                ("save_every", {"save_every": 0})])
+def test_budget_and_worker_settings_errors_name_the_field(tmp_path, field, changes):
+    cfg = TransformerTrainConfig(model="var-micro", num_images=4, steps=1, batch_size=2, **changes)
+    with pytest.raises(ValueError, match=field):
+        train_transformer(cfg, str(tmp_path / "run"), progress=False)

@@ -39,6 +39,7 @@ class RunDir:
         self.ckpt = self.path / "ckpt.pt"
         self.log_file = self.path / "log.jsonl"
         self.started = time.time()
+        self.resumed_config: dict | None = None  # the config a resumed checkpoint was written with
 
     def load(self) -> dict | None:
         if not self.ckpt.exists():
@@ -59,6 +60,7 @@ class RunDir:
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         gen.set_state(state["gen"])
+        self.resumed_config = state.get("config")
         return state["step"], state.get("elapsed", 0.0)
 
     def checkpoint(self, model: torch.nn.Module, optim: torch.optim.Optimizer, gen: torch.Generator, step: int,

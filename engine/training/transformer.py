@@ -25,7 +25,7 @@ that has the coarse picture right makes.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +63,29 @@ class TransformerTrainConfig:
     seed: int = 0
     save_every: int = 20
     log_every: int = 10
+    time_budget_s: float | None = None  # size the run to this many seconds of training (replaces ``steps``)
+    render_workers: int = 1  # processes that render the training set (encoding runs on ``device``)
+
+
+def _render_chunk(start_count: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Worker-process entry of ``pretokenize``: render one chunk of the training split."""
+    return render_batch(TRAIN_SEED, *start_count)
 
 
 @torch.no_grad()
-def pretokenize(vae: VQVAE, num_images: int, out: Path, batch: int = 250, progress: bool = True) -> None:
+def pretokenize(vae: VQVAE, num_images: int, out: Path, batch: int = 250, progress: bool = True,
+                workers: int = 1) -> None:
     """Render and encode training images ``0..num_images-1`` once: ``tokens.npy`` [N, L] int16 and
     ``labels.npy`` [N] int64 in ``out``. Resumable and extendable: a set already on disk is kept
     and only the missing images are rendered, so a follow-up run with a larger ``num_images``
     (fresh images for a model that has seen the first ones) pays only for the new ones. A set
-    at least as large is left as is; training reads its first ``num_images`` rows."""
+    at least as large is left as is; training reads its first ``num_images`` rows.
+
+    Encoding runs wherever ``vae`` lives; with the encoder on a GPU, rendering (numpy, one core)
+    is what is left, so ``workers`` > 1 renders chunks in that many processes. Every image
+    depends on its index alone, so the set is the same for any ``workers``."""
+    if workers < 1:
+        raise ValueError(f"workers: must be >= 1, got {workers}")
     tok_path, lab_path = out / "tokens.npy", out / "labels.npy"
     have = 0
     if tok_path.exists() and lab_path.exists():
@@ -80,11 +94,25 @@ def pretokenize(vae: VQVAE, num_images: int, out: Path, batch: int = 250, progre
             return
     chunks = [np.load(tok_path)] if have else []
     labels = [np.load(lab_path)] if have else []
-    for start in tqdm(range(have, num_images, batch), desc="pretokenize", disable=not progress):
-        imgs, lab = render_batch(TRAIN_SEED, start, min(batch, num_images - start))
-        idx = vae.img_to_indices(to_model_input(imgs, vae.cfg.image_size))
-        chunks.append(torch.cat(idx, dim=1).to(torch.int16).numpy())
-        labels.append(lab)
+    device = next(vae.parameters()).device
+    jobs = [(start, min(batch, num_images - start)) for start in range(have, num_images, batch)]
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))  # no CUDA state in children
+        rendered = pool.map(_render_chunk, jobs)
+    else:
+        rendered = map(_render_chunk, jobs)
+    try:
+        for imgs, lab in tqdm(rendered, total=len(jobs), desc="pretokenize", disable=not progress):
+            idx = vae.img_to_indices(to_model_input(imgs, vae.cfg.image_size).to(device))
+            chunks.append(torch.cat(idx, dim=1).to(torch.int16).cpu().numpy())
+            labels.append(lab)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     np.save(tok_path, np.concatenate(chunks))
     np.save(lab_path, np.concatenate(labels))
 
@@ -106,7 +134,7 @@ def param_groups(var: VAR, weight_decay: float) -> list[dict]:
 
 def validate_config(cfg: TransformerTrainConfig, num_scales: int) -> None:
     """Reject impossible settings up front, naming the field."""
-    for name in ("num_images", "steps", "batch_size", "full_every"):
+    for name in ("num_images", "steps", "batch_size", "full_every", "save_every", "log_every", "render_workers"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.perturb_rate <= 1.0:
@@ -115,6 +143,11 @@ def validate_config(cfg: TransformerTrainConfig, num_scales: int) -> None:
         raise ValueError(f"perturb_neighbours: must be >= 1, got {cfg.perturb_neighbours}")
     if cfg.coarse_scales is not None and not 2 <= cfg.coarse_scales <= num_scales:  # scale 1 alone has no input
         raise ValueError(f"coarse_scales: must be in [2, {num_scales}], got {cfg.coarse_scales}")
+    if cfg.time_budget_s is not None and not cfg.time_budget_s > 0:
+        raise ValueError(f"time_budget_s: must be > 0, got {cfg.time_budget_s}")
+    if cfg.time_budget_s is not None and cfg.warmup < MIN_SIZING_WARMUP:
+        raise ValueError(f"warmup: a time budget sizes the run from the warm-up's throughput, which needs "
+                         f"warmup >= {MIN_SIZING_WARMUP}, got {cfg.warmup}")
     if cfg.init_from is not None and not Path(cfg.init_from).exists():
         raise ValueError(f"init_from: no such file {cfg.init_from!r}")
 
@@ -176,6 +209,44 @@ def encode_training_images(vae: VQVAE, indices: torch.Tensor) -> torch.Tensor:
     return vae.encode_latent(to_model_input(imgs, vae.cfg.image_size).to(device))
 
 
+MIN_SIZING_WARMUP = 10  # warm-up steps a time budget needs to measure throughput over
+
+
+class BudgetSizer:
+    """Turns a wall-clock budget into a step count.
+
+    The lr schedule's warm-up does not depend on the run's length, so the run can start with
+    its length unknown, time its warm-up steps (after two settling steps: allocator and kernel
+    selection) and then fix ``steps`` so that the budget's remainder is spent at that rate,
+    before the cosine decay, which does depend on it, begins. A resumed run keeps the length
+    its checkpoint recorded."""
+
+    def __init__(self, budget_s: float, warmup: int, device: str) -> None:
+        self.budget_s, self.warmup, self.cuda = budget_s, warmup, torch.device(device).type == "cuda"
+        self.mark: tuple[int, float] | None = None
+        self.settle_until: int | None = None
+
+    def _now(self) -> float:
+        if self.cuda:  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def after_step(self, step: int, elapsed: float) -> int | None:
+        """Call after each step (``step`` steps done, ``elapsed`` seconds of training so far);
+        returns the run's total steps once they are known, else None."""
+        if self.settle_until is None:
+            self.settle_until = step + 2
+        if self.mark is None and step >= self.settle_until and step < self.warmup:
+            self.mark = (step, self._now())
+        if step < self.warmup:
+            return None
+        if self.mark is not None and step > self.mark[0]:
+            per_step = (self._now() - self.mark[1]) / (step - self.mark[0])
+        else:  # resumed too close to the end of the warm-up to time it
+            per_step = elapsed / max(step, 1)
+        return step + max(1, int((self.budget_s - elapsed) / per_step))
+
+
 def scales_at(step: int, cfg: TransformerTrainConfig, num_scales: int) -> int:
     """How many scales step ``step`` trains on (all of them on every full_every-th step)."""
     if cfg.coarse_scales is None or step % cfg.full_every == 0:
@@ -190,8 +261,8 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     vae = VQVAE(spec.vae)
     load_into(vae, cfg.tokenizer)
     vae.eval()
-    pretokenize(vae, cfg.num_images, run.path, progress=progress)
-    vae.to(cfg.device)  # builds the transformer's inputs from tokens on cfg.device
+    vae.to(cfg.device)  # encodes the training set and builds the transformer's inputs on cfg.device
+    pretokenize(vae, cfg.num_images, run.path, progress=progress, workers=cfg.render_workers)
     # memory-mapped, so a larger set on disk costs only the rows this run uses
     tokens = torch.from_numpy(np.load(run.path / "tokens.npy", mmap_mode="r")[: cfg.num_images].astype(np.int64))
     labels = torch.from_numpy(np.array(np.load(run.path / "labels.npy", mmap_mode="r")[: cfg.num_images]))
@@ -201,17 +272,24 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     if cfg.init_from is not None:  # overwritten below when the run dir holds a checkpoint
         load_into(var, cfg.init_from)
     var = var.to(cfg.device)
-    opt = torch.optim.AdamW(param_groups(var, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(var, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=torch.device(cfg.device).type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = run.resume(var, opt, gen)
+    total: int | None = cfg.steps  # None while a time budget is still being sized
+    sizer = None
+    if cfg.time_budget_s is not None:
+        saved = (run.resumed_config or {}).get("steps") if step >= cfg.warmup else None
+        total = saved
+        sizer = BudgetSizer(cfg.time_budget_s, cfg.warmup, cfg.device) if saved is None else None
     var.train()
     lens = spec.var.scale_lengths()
     n_scales = spec.var.num_scales
     neighbours = codebook_neighbours(vae.quantize, cfg.perturb_neighbours) if cfg.perturb_rate > 0 else None
-    bar = tqdm(total=cfg.steps, initial=step, desc="transformer", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="transformer", disable=not progress, dynamic_ncols=True)
     t_last = time.time()
     owe_full_log = False  # a log point fell on a prefix step: log the next full step as well
-    while step < cfg.steps:
+    while total is None or step < total:
         pick = torch.randint(0, tokens.shape[0], (cfg.batch_size,), generator=gen)
         gt, lab = tokens[pick].to(cfg.device), labels[pick].to(cfg.device)
         k = scales_at(step, cfg, n_scales)
@@ -224,7 +302,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
             with torch.no_grad():
                 inputs = vae.quantize.teacher_forcing_input(split_scales(gt, spec.var.patch_nums[:k]))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            g["lr"] = lr_at(step, total or cfg.warmup, cfg.lr, cfg.warmup)  # warm-up: independent of total
         with autocast_for(cfg.dtype, cfg.device):
             logits = var(lab, inputs, num_scales=k)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gt.reshape(-1))
@@ -237,7 +315,13 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
         elapsed += now - t_last
         t_last = now
         bar.update(1)
-        at_log_point = step % cfg.log_every == 0 or step == cfg.steps
+        if sizer is not None and total is None:
+            total = sizer.after_step(step, elapsed)
+            if total is not None:
+                bar.total = total
+                bar.refresh()
+                run.log({"step": step, "sized_steps": total, "time_budget_s": cfg.time_budget_s})
+        at_log_point = step % cfg.log_every == 0 or step == total
         # with coarse steps, a log point can keep landing on prefix steps (e.g. full_every 2, log_every 10);
         # then the next full step is logged too, so the log always shows the fine scales' accuracy
         log_full_late = owe_full_log and k == n_scales
@@ -250,8 +334,8 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
                    "img_per_s": step * cfg.batch_size / max(elapsed, 1e-9), "elapsed_s": elapsed}
             run.log(rec)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc_last=acc[-1], ips=f"{rec['img_per_s']:.1f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            run.checkpoint(var, opt, gen, step, elapsed, asdict(cfg))
+        if step % cfg.save_every == 0 or step == total:
+            run.checkpoint(var, opt, gen, step, elapsed, asdict(replace(cfg, steps=total or cfg.steps)))
     bar.close()
     var.eval()
     return var
