@@ -51,13 +51,14 @@ def test_shipped_model_generates_images(tiny):
 
 def test_shipped_model_generates_the_requested_shapes_well_above_chance(tiny):
     """Samples at the default settings are scored by the shipped shape classifier: 3 seeds per class
-    must be classified correctly at least 3x as often as chance (10%). The model card's figure is
-    59.3% on 1,000 samples; this guards against broken weights, loading or sampling, not that figure."""
+    must be classified correctly at least 6x as often as chance (10%). The model card's figure is
+    88.7% on 1,000 samples (the weakest class 47%); this guards against broken weights, loading or
+    sampling (the earlier, 59%-accurate weights fail it), not that figure."""
     from engine.evaluate import sample_accuracy
 
     rec = sample_accuracy(tiny, per_class=3, seed=0, progress=False)
     assert rec["num_images"] == 30
-    assert rec["accuracy"] >= 0.3, rec
+    assert rec["accuracy"] >= 0.6, rec
 
 
 def test_cli_eval_samples_uses_the_given_sampling_settings(tmp_path, capsys):
