@@ -14,6 +14,7 @@ from engine.models.var import VAR
 from engine.models.vqvae import VQVAE
 from engine.training.tokenizer import TokenizerTrainConfig, train_tokenizer
 from engine.training.transformer import (
+    BudgetSizer,
     TransformerTrainConfig,
     codebook_neighbours,
     encode_training_images,
@@ -187,10 +188,20 @@ def test_pretokenize_with_render_workers_gives_the_same_set(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    pretokenize(vae, 7, one, batch=3, progress=False)
-    pretokenize(vae, 7, two, batch=2, progress=False, workers=2)
+    pretokenize(vae, 9, one, batch=3, progress=False)
+    pretokenize(vae, 9, two, batch=1, progress=False, workers=2)  # 9 chunks: two windows of 4 x workers
     for name in ("tokens.npy", "labels.npy"):
         assert np.array_equal(np.load(one / name), np.load(two / name)), name
+
+
+def test_budget_sizer_spends_the_remaining_budget_at_the_timed_rate(monkeypatch):
+    """Settling steps are not timed; the rate over the rest of the warm-up sets the length."""
+    clock = iter([100.0, 106.0])  # marked after step 2, read again at step 10: 8 steps in 6 s
+    sizer = BudgetSizer(budget_s=60.0, warmup=10, device="cpu")
+    monkeypatch.setattr(sizer, "_now", lambda: next(clock))
+    assert [sizer.after_step(s, elapsed=float(s)) for s in range(1, 10)] == [None] * 9
+    assert sizer.mark == (2, 100.0)
+    assert sizer.after_step(10, elapsed=20.0) == 10 + int(40.0 / 0.75)  # 40 s left at 0.75 s per step
 
 
 def test_time_budget_sizes_the_run_after_warmup_and_resume_keeps_it(tmp_path):

@@ -102,7 +102,8 @@ def pretokenize(vae: VQVAE, num_images: int, out: Path, batch: int = 250, progre
         from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))  # no CUDA state in children
-        rendered = pool.map(_render_chunk, jobs)
+        window = 4 * workers  # chunks in flight: bounds memory when encoding is slower than rendering
+        rendered = (out for i in range(0, len(jobs), window) for out in pool.map(_render_chunk, jobs[i:i + window]))
     else:
         rendered = map(_render_chunk, jobs)
     try:
@@ -221,10 +222,10 @@ class BudgetSizer:
     before the cosine decay, which does depend on it, begins. A resumed run keeps the length
     its checkpoint recorded."""
 
-    def __init__(self, budget_s: float, warmup: int, device: str) -> None:
+    def __init__(self, budget_s: float, warmup: int, device: str, start_step: int = 0) -> None:
         self.budget_s, self.warmup, self.cuda = budget_s, warmup, torch.device(device).type == "cuda"
-        self.mark: tuple[int, float] | None = None
-        self.settle_until: int | None = None
+        self.settle_until = start_step + 2
+        self.mark: tuple[int, float] | None = None  # (step, clock) where the timed window starts
 
     def _now(self) -> float:
         if self.cuda:  # kernels run asynchronously: wait for them before reading the clock
@@ -234,8 +235,6 @@ class BudgetSizer:
     def after_step(self, step: int, elapsed: float) -> int | None:
         """Call after each step (``step`` steps done, ``elapsed`` seconds of training so far);
         returns the run's total steps once they are known, else None."""
-        if self.settle_until is None:
-            self.settle_until = step + 2
         if self.mark is None and step >= self.settle_until and step < self.warmup:
             self.mark = (step, self._now())
         if step < self.warmup:
@@ -281,7 +280,7 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
     if cfg.time_budget_s is not None:
         saved = (run.resumed_config or {}).get("steps") if step >= cfg.warmup else None
         total = saved
-        sizer = BudgetSizer(cfg.time_budget_s, cfg.warmup, cfg.device) if saved is None else None
+        sizer = BudgetSizer(cfg.time_budget_s, cfg.warmup, cfg.device, step) if saved is None else None
     var.train()
     lens = spec.var.scale_lengths()
     n_scales = spec.var.num_scales
