@@ -38,6 +38,19 @@ def _official(depth: int) -> ModelSpec:
 
 TINY_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
+_TINY_VAE = VQVAEConfig(
+    vocab_size=512,
+    z_channels=16,
+    ch=32,
+    ch_mult=(1, 2, 4),
+    num_res_blocks=1,
+    using_sa=False,
+    using_mid_sa=False,
+    norm_groups=16,
+    patch_nums=TINY_PATCH_NUMS,
+    image_size=64,
+)
+
 MODELS: dict[str, ModelSpec] = {
     **{f"var-d{d}": _official(d) for d in (16, 20, 24, 30)},
     "var-tiny": ModelSpec(
@@ -52,22 +65,33 @@ MODELS: dict[str, ModelSpec] = {
             patch_nums=TINY_PATCH_NUMS,
             drop_path_rate=0.0,
         ),
-        vae=VQVAEConfig(
-            vocab_size=512,
-            z_channels=16,
-            ch=32,
-            ch_mult=(1, 2, 4),
-            num_res_blocks=1,
-            using_sa=False,
-            using_mid_sa=False,
-            norm_groups=16,
-            patch_nums=TINY_PATCH_NUMS,
-            image_size=64,
-        ),
+        vae=_TINY_VAE,
         default_checkpoint_dir="var-tiny",
         notes="Trained here on the synthetic shapes dataset: 64x64 RGB, 10 classes, 680 tokens.",
         # Chosen by class accuracy on seeds 10000+ (disjoint from the eval seeds 0..99), 150 images each:
         # cfg 2/top-k 100/top-p .95: 34%; cfg 4/100/.95: 27%; cfg 4/20/.9: 34%; cfg 6/20/.9: 41%.
+        default_cfg=6.0,
+        default_top_k=20,
+        default_top_p=0.9,
+    ),
+    "var-deep": ModelSpec(
+        name="var-deep",
+        # Deep and narrow: 32 layers x 128 wide (head dim 64) cost about the linear FLOPs of var-tiny
+        # (12 L d^2 is the same) and twice its attention, but give ScaleKV the depth it needs: at a
+        # 10% budget one drafter that keeps its whole history needs ~24 layers.
+        var=VARConfig(
+            depth=32,
+            width=128,
+            num_heads=2,
+            num_classes=10,
+            vocab_size=512,
+            z_channels=16,
+            patch_nums=TINY_PATCH_NUMS,
+            drop_path_rate=0.0,
+        ),
+        vae=_TINY_VAE,
+        default_checkpoint_dir="var-deep",
+        notes="Trained here on the synthetic shapes dataset with var-tiny's tokenizer; 32 layers for ScaleKV.",
         default_cfg=6.0,
         default_top_k=20,
         default_top_p=0.9,
