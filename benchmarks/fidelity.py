@@ -118,7 +118,7 @@ def token_agreement(a: list[int], b: list[int], lengths: list[int]) -> list[floa
 
 
 def class_accuracy(results: list[GenerationResult]) -> float:
-    from engine.models.classifier import load_classifier, predict
+    from training.classifier import load_classifier, predict
 
     x = torch.stack([torch.from_numpy(r.image) for r in results]).permute(0, 3, 1, 2).float() / 127.5 - 1
     pred = predict(load_classifier(), x)

@@ -31,9 +31,9 @@ from memory.budgets import BudgetSettings, budget_plan
 from memory.manager import KVPlan, MemoryManager, RequestTooLargeError
 from memory.policies import POLICIES, SelectionPolicy, make_policy
 from memory.pool import KVPool
-from memory.profile import ScaleProfile, shipped_profile_path
+from memory.profile import ScaleProfile
 
-from .models.registry import LoadedModel
+from .models.registry import LoadedModel, shipped_profile_path
 from .precision import DTYPES, resolve_dtype
 from .reference import image_to_uint8
 from .requests import GenerationRequest, GenerationResult, validate_request

@@ -9,9 +9,8 @@ takes back pages freed by compression, and releases everything on completion or 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from engine.models.config import VARConfig
 
 from .page_table import PageTable
 from .pool import KVPool
@@ -56,12 +55,13 @@ class KVPlan:
                    for si in range(self.num_scales))
 
 
-def full_plan(cfg: VARConfig) -> KVPlan:
-    """The ``full`` policy: every layer keeps every token of every finished scale."""
+def full_plan(scale_lengths: Sequence[int], depth: int) -> KVPlan:
+    """The ``full`` policy: every layer keeps every token of every finished scale.
+    ``scale_lengths``: tokens per scale (side squared), ``depth``: number of layers."""
     cum, kept = 0, []
-    for si, n in enumerate(cfg.scale_lengths()):
+    for si, n in enumerate(scale_lengths):
         cum += n
-        kept.append(tuple([cum if si < cfg.num_scales - 1 else 0] * cfg.depth))
+        kept.append(tuple([cum if si < len(scale_lengths) - 1 else 0] * depth))
     return KVPlan(name="full", kept=tuple(kept))
 
 

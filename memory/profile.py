@@ -3,7 +3,7 @@
 ScaleKV gives each (scale, layer) the cache its role needs: *drafters* spread attention over
 earlier scales and keep (nearly) their whole history, *refiners* look at the current map and
 share what is left of the budget. Which layers are which is a property of the trained weights,
-measured once by calibration (``memory.calibrate``) and stored as JSON beside the checkpoint
+measured once by calibration (``engine.calibrate``) and stored as JSON beside the checkpoint
 (``engine/models/weights/<model>/scale_profile.json``).
 
 Indexing: ``drafters[k]`` are the layers that are drafters **when scale k reads its history**.
@@ -176,10 +176,3 @@ def _format(d: dict) -> str:
         else:
             parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
     return "{\n" + ",\n".join(parts) + "\n}\n"
-
-
-def shipped_profile_path(model_name: str) -> Path:
-    """Where a model's shipped profile lives (``engine/models/weights/<model>/scale_profile.json``)."""
-    from engine.models.registry import WEIGHTS_DIR
-
-    return WEIGHTS_DIR / model_name / PROFILE_FILE

@@ -104,7 +104,7 @@ def test_policy_specs():
 
 # --------------------------------------------------------------------------- end to end
 def test_tiny_load_end_to_end_two_policies_json_has_every_field(tmp_path, capsys):
-    from engine.cli import main
+    from scalekv.cli import main
 
     out, plots = tmp_path / "load.json", tmp_path / "plots"
     rc = main(["bench", "load", "--model", "var-micro", "--random-init", "--num-requests", "5",
@@ -150,7 +150,7 @@ def test_tiny_load_end_to_end_two_policies_json_has_every_field(tmp_path, capsys
 
 
 def test_a_policy_the_engine_refuses_fails_its_requests_not_the_benchmark(tmp_path, capsys):
-    from engine.cli import main
+    from scalekv.cli import main
 
     out = tmp_path / "load.json"
     rc = main(["bench", "load", "--model", "var-micro", "--random-init", "--num-requests", "2",
@@ -167,7 +167,7 @@ def test_a_policy_the_engine_refuses_fails_its_requests_not_the_benchmark(tmp_pa
 
 def test_tiny_load_on_a_local_cluster(tmp_path):
     pytest.importorskip("ray")
-    from engine.cli import main
+    from scalekv.cli import main
 
     out = tmp_path / "load.json"
     rc = main(["bench", "load", "--model", "var-micro", "--random-init", "--cluster-workers", "1", "--threads", "1",

@@ -79,7 +79,7 @@ def test_every_policy_hits_the_target_at_every_compressed_scale(cfg, budget, pro
 def test_budget_one_is_the_full_plan(policy):
     prof = PROFILES["first-two"](TINY)
     plan = budget_plan(policy, TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=1.0), prof)
-    assert plan.kept == full_plan(TINY).kept
+    assert plan.kept == full_plan(TINY.scale_lengths(), TINY.depth).kept
 
 
 def test_uniform_baselines_keep_exactly_u_per_layer():
@@ -135,7 +135,7 @@ def test_layerwise_peak_is_tighter_and_equal_for_full():
         final = sum(-(-k // 16) for k in plan.kept[-2])
         assert plan.peak_pages(16) >= final  # the cache held while the last scale runs
     full = budget_plan("full", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=1.0))
-    assert full.peak_pages(16) == full_plan(TINY).peak_pages(16)
+    assert full.peak_pages(16) == full_plan(TINY.scale_lengths(), TINY.depth).peak_pages(16)
 
 
 def test_budget_settings_and_unknown_policy_errors():

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from memory.calibrate import calibrate, rank_drafters, zscore_within_scales
+from engine.calibrate import calibrate, rank_drafters, zscore_within_scales
 from memory.profile import ProfileMismatchError, ScaleProfile
 
 
@@ -82,7 +82,7 @@ def test_profile_roundtrip_and_mismatches_are_rejected(tmp_path, micro_profile):
 
 
 def test_calibrate_cli_writes_a_profile(tmp_path, capsys):
-    from engine.cli import main
+    from scalekv.cli import main
 
     out = tmp_path / "prof.json"
     rc = main(["calibrate", "--model", "var-micro", "--random-init", "--num-requests", "2", "--num-queries", "8",

@@ -11,8 +11,7 @@ import math
 import pytest
 import torch
 
-from engine.data import EVAL_SEED, render_batch, to_tensor
-from engine.models.classifier import (
+from training.classifier import (
     DEFAULT_WEIGHTS,
     ShapeClassifier,
     evaluate_classifier,
@@ -21,6 +20,7 @@ from engine.models.classifier import (
     save_classifier,
     train_classifier,
 )
+from training.shapes import EVAL_SEED, render_batch, to_tensor
 
 
 def test_shipped_classifier_loads_strictly_and_is_accurate() -> None:

@@ -16,9 +16,9 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from engine.api import EngineConfig, ImageEngine  # noqa: E402
-from engine.cli import main  # noqa: E402
 from engine.models.registry import build_model  # noqa: E402
 from engine.requests import GenerationRequest  # noqa: E402
+from scalekv.cli import main  # noqa: E402
 from scheduler.client import ClusterClient, ensure_ray  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.wire import JobFileError, encode_job_msgpack  # noqa: E402

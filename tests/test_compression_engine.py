@@ -185,7 +185,7 @@ def test_fidelity_metrics():
 
 
 def test_fidelity_cli_end_to_end(micro_model, profile_path, tmp_path, capsys):
-    from engine.cli import main
+    from scalekv.cli import main
 
     out = tmp_path / "fid.json"
     rc = main(["bench", "fidelity", "--model", "var-micro", "--random-init", "--policies", "full,scalekv,sliding",

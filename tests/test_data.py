@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (
+from training.shapes import (
     CLASS_NAMES,
     EVAL_SEED,
     NUM_CLASSES,

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from engine.cli import main
 from engine.models.registry import build_model
 from engine.reference import generate_reference
 from engine.requests import GenerationRequest
+from scalekv.cli import main
 
 
 def _reqs(n: int, seed0: int = 10, **kw) -> list[GenerationRequest]:

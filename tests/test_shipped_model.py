@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from engine.data.shapes import EVAL_SEED, render_batch, to_tensor
 from engine.models.registry import build_model, default_checkpoint_dir, get_spec
 from engine.models.vqvae import psnr
+from training.shapes import EVAL_SEED, render_batch, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_shipped_model_generates_the_requested_shapes_well_above_chance(tiny):
     must be classified correctly at least 6x as often as chance (10%). The model card's figure is
     88.7% on 1,000 samples (the weakest class 47%); this guards against broken weights, loading or
     sampling (the earlier, 59%-accurate weights fail it), not that figure."""
-    from engine.evaluate import sample_accuracy
+    from training.evaluate import sample_accuracy
 
     rec = sample_accuracy(tiny, per_class=3, seed=0, progress=False)
     assert rec["num_images"] == 30
@@ -62,7 +62,7 @@ def test_shipped_model_generates_the_requested_shapes_well_above_chance(tiny):
 
 
 def test_cli_eval_samples_uses_the_given_sampling_settings(tmp_path, capsys):
-    from engine.cli import main
+    from scalekv.cli import main
 
     out = tmp_path / "eval"
     assert main(["eval", "samples", "--model", "var-tiny", "--per-class", "1", "--cfg", "1.5", "--top-k", "7",
@@ -75,7 +75,7 @@ def test_cli_eval_samples_uses_the_given_sampling_settings(tmp_path, capsys):
 def test_cli_eval_prefix_forcing_every_scale_reproduces_real_images(tmp_path, capsys):
     """`scalekv eval prefix`: with all 10 scales forced the samples are the tokenizer's decodes of
     real held-out images, which the classifier gets right (partial forcing: tests/test_reference)."""
-    from engine.cli import main
+    from scalekv.cli import main
 
     out = tmp_path / "eval"
     assert main(["eval", "prefix", "--model", "var-tiny", "--per-class", "1", "--forced", "10",
@@ -86,7 +86,7 @@ def test_cli_eval_prefix_forcing_every_scale_reproduces_real_images(tmp_path, ca
 
 
 def test_cli_eval_prefix_rejects_bad_scale_lists(tmp_path, capsys):
-    from engine.cli import main
+    from scalekv.cli import main
 
     assert main(["eval", "prefix", "--model", "var-tiny", "--forced", "0,x", "--out", str(tmp_path)]) == 2
     assert "--forced" in capsys.readouterr().err

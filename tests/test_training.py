@@ -12,8 +12,8 @@ import torch
 from engine.models.registry import get_spec, load_into, save_safetensors
 from engine.models.var import VAR
 from engine.models.vqvae import VQVAE
-from engine.training.tokenizer import TokenizerTrainConfig, train_tokenizer
-from engine.training.transformer import (
+from training.tokenizer import TokenizerTrainConfig, train_tokenizer
+from training.transformer import (
     BudgetSizer,
     TransformerTrainConfig,
     codebook_neighbours,
@@ -91,7 +91,7 @@ def test_log_points_on_prefix_steps_also_log_the_next_full_step(tmp_path):
 
 def test_pretokenize_extends_a_smaller_set(tmp_path, monkeypatch):
     """A larger num_images renders only the missing images; the result equals a one-go run."""
-    import engine.training.transformer as trainer
+    import training.transformer as trainer
 
     rendered = []
     real_render = trainer.render_batch

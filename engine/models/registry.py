@@ -151,6 +151,13 @@ def default_checkpoint_dir(spec: ModelSpec) -> Path | None:
     return d if (d / TRANSFORMER_FILE).exists() and (d / TOKENIZER_FILE).exists() else None
 
 
+def shipped_profile_path(model_name: str) -> Path:
+    """Where a model's shipped scale profile lives (beside its weights)."""
+    from memory.profile import PROFILE_FILE
+
+    return WEIGHTS_DIR / model_name / PROFILE_FILE
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` (ours) or ``.pth``/``.pt`` (official)."""
     path = Path(path)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .models.registry import LoadedModel
-from .precision import autocast_for
-from .reference import ContiguousKVCache
-from .requests import GenerationRequest
-from .sampling import make_generator, sample_scale
+from engine.models.registry import LoadedModel
+from engine.precision import autocast_for
+from engine.reference import ContiguousKVCache
+from engine.requests import GenerationRequest
+from engine.sampling import make_generator, sample_scale
 
 
 @dataclass
@@ -132,8 +132,8 @@ def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, eng
     settings unless given) and score them with the shipped shape classifier."""
     from tqdm import tqdm
 
-    from .api import EngineConfig, ImageEngine
-    from .models.classifier import load_classifier, predict
+    from engine.api import EngineConfig, ImageEngine
+    from training.classifier import load_classifier, predict
 
     spec = model.spec
     engine = ImageEngine(model, engine_config or EngineConfig())
@@ -169,9 +169,9 @@ def forced_prefix_accuracy(model: LoadedModel, forced_scales: list[int], per_cla
     in between are where the model goes wrong."""
     from tqdm import tqdm
 
-    from .data.shapes import EVAL_SEED, render_batch, to_tensor
-    from .models.classifier import load_classifier, predict
-    from .reference import generate_reference
+    from engine.reference import generate_reference
+    from training.classifier import load_classifier, predict
+    from training.shapes import EVAL_SEED, render_batch, to_tensor
 
     spec = model.spec
     n_scales, n_cls = spec.var.num_scales, spec.var.num_classes
@@ -214,7 +214,7 @@ def sample_grid(model: LoadedModel, path: str | Path, per_class: int = 8, seed: 
     import numpy as np
     from PIL import Image
 
-    from .api import EngineConfig, ImageEngine
+    from engine.api import EngineConfig, ImageEngine
 
     n_cls = model.spec.var.num_classes
     reqs = [GenerationRequest(class_label=c, seed=seed + i, request_id=f"{c}-{i}")

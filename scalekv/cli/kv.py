@@ -34,7 +34,7 @@ def _names(text: str) -> list[str]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``calibrate`` and ``bench fidelity`` to the ``scalekv`` parser's sub-commands."""
-    from engine.cli import _add_model_args, bench_subcommands
+    from scalekv.cli import _add_model_args, bench_subcommands
 
     c = sub.add_parser("calibrate", help="measure drafter/refiner layers and write a scale profile (ScaleKV)")
     _add_model_args(c)
@@ -73,9 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from engine.cli import _set_threads
+    from engine.calibrate import timed_calibrate
     from engine.models.registry import build_model
-    from memory.calibrate import timed_calibrate
+    from scalekv.cli import _set_threads
 
     _set_threads(args.threads)
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
@@ -92,8 +92,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from benchmarks.fidelity import FidelityConfig, format_table, run_fidelity, write_outputs
     from engine.api import _parse_bytes
-    from engine.cli import _set_threads
     from engine.models.registry import build_model
+    from scalekv.cli import _set_threads
 
     _set_threads(args.threads)
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)

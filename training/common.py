@@ -14,7 +14,7 @@ import torch
 def to_model_input(images_uint8, image_size: int) -> torch.Tensor:
     """Rendered uint8 images -> [-1, 1] tensors at the model's resolution (area resampling, so
     micro test configs can train on the same 64x64 data)."""
-    from engine.data.shapes import to_tensor
+    from training.shapes import to_tensor
 
     x = to_tensor(images_uint8)
     if x.shape[-1] != image_size:

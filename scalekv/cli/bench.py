@@ -60,7 +60,7 @@ def _positive_float(text: str) -> float:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench load`` to the ``scalekv`` parser (reusing an existing ``bench`` parser)."""
     from engine.api import EngineConfig
-    from engine.cli import _add_model_args, bench_subcommands
+    from scalekv.cli import _add_model_args, bench_subcommands
 
     bsub = bench_subcommands(sub)
     p = bsub.add_parser("load", help="load test: policies side by side on one request stream (throughput, "
@@ -134,7 +134,7 @@ def engine_config(args: argparse.Namespace):
 
 def cmd_load(args: argparse.Namespace) -> int:
     from benchmarks.load import LocalTarget, format_table, run_load, write_outputs
-    from engine.cli import _set_threads
+    from scalekv.cli import _set_threads
 
     try:
         cfg = load_config(args)

@@ -106,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.what == "tokenizer":
-        from engine.training.tokenizer import (
+        from training.tokenizer import (
             TokenizerTrainConfig,
             evaluate_tokenizer,
             export_tokenizer,
@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         export_tokenizer(vae, str(Path(args.run_dir) / "tokenizer.safetensors"))
         print(json.dumps(evaluate_tokenizer(vae, 1000)))
     elif args.what == "transformer":
-        from engine.training.transformer import TransformerTrainConfig, export_transformer, train_transformer
+        from training.transformer import TransformerTrainConfig, export_transformer, train_transformer
 
         d = TransformerTrainConfig()
         cfg = TransformerTrainConfig(model=args.model, steps=args.steps or d.steps,
@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         var = train_transformer(cfg, args.run_dir)
         export_transformer(var, str(Path(args.run_dir) / "transformer.safetensors"))
     else:
-        from engine.models.classifier import train_classifier
+        from training.classifier import train_classifier
 
         train_classifier(steps=args.steps or 2000, batch_size=args.batch_size or 64, lr=args.lr or 2e-3, seed=0,
                          out_path=str(Path(args.run_dir) / "classifier.safetensors"))
@@ -148,8 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Tokenizer PSNR, class accuracy of samples, attention report; JSON (+ heat-map PNG) in --out."""
-    from engine import evaluate
     from engine.models.registry import build_model
+    from training import evaluate
 
     if args.what == "prefix":
         try:
@@ -163,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     what = ["tokenizer", "samples", "attention", "grid"] if args.what == "all" else [args.what]
     summary = {}
     if "tokenizer" in what:
-        from engine.training.tokenizer import evaluate_tokenizer
+        from training.tokenizer import evaluate_tokenizer
 
         summary["tokenizer"] = evaluate_tokenizer(model.vae, args.num_images)
     if "samples" in what:
@@ -266,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(transformer) steps between resumable checkpoints (default 20; raise it on a GPU)")
     t.add_argument("--log-every", type=int, default=None, help="(transformer) steps between log records (default 10)")
     t.set_defaults(func=cmd_train)
-    __import__("memory.cli", fromlist=["register"]).register(sub)  # scalekv calibrate, scalekv bench fidelity
-    __import__("benchmarks.cli", fromlist=["register"]).register(sub)  # scalekv bench load
-    __import__("scheduler.cli", fromlist=["register"]).register(sub)  # scalekv cluster, submit, status
+    __import__("scalekv.cli.kv", fromlist=["register"]).register(sub)  # scalekv calibrate, scalekv bench fidelity
+    __import__("scalekv.cli.bench", fromlist=["register"]).register(sub)  # scalekv bench load
+    __import__("scalekv.cli.cluster", fromlist=["register"]).register(sub)  # scalekv cluster, submit, status
     return parser
 
 

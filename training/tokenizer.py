@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.data.shapes import EVAL_SEED, TRAIN_SEED, render_batch
 from engine.models.registry import get_spec, save_safetensors
 from engine.models.vqvae import VQVAE, psnr
 from engine.precision import autocast_for
+from training.shapes import EVAL_SEED, TRAIN_SEED, render_batch
 
 from .common import RunDir, lr_at, to_model_input
 

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.data.shapes import TRAIN_SEED, render_batch
 from engine.models.registry import get_spec, load_into, save_safetensors
 from engine.models.var import VAR
 from engine.models.vqvae import VQVAE, MultiScaleQuantizer, NextScaleInput
 from engine.precision import autocast_for
+from training.shapes import TRAIN_SEED, render_batch
 
 from .common import RunDir, lr_at, to_model_input
 

@@ -45,8 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``cluster``, ``submit`` and ``status`` to the ``scalekv`` parser."""
     from engine.api import EngineConfig
     from engine.models.registry import DEFAULT_MODEL, MODELS
-
-    from .config import DEFAULT_NAME
+    from scheduler.config import DEFAULT_NAME
 
     c = sub.add_parser("cluster", help="start or stop a scalekv cluster (Ray scheduler + workers)")
     csub = c.add_subparsers(dest="cluster_command", required=True)
@@ -113,9 +112,8 @@ def _fail(msg: str) -> int:
 def _scheduler_config(args: argparse.Namespace):
     from engine.api import EngineConfig
     from engine.models.registry import default_checkpoint_dir, get_spec
+    from scheduler.config import SchedulerConfig
     from workers.config import WorkerConfig
-
-    from .config import SchedulerConfig
 
     spec = get_spec(args.model)
     if args.checkpoint is None and not args.random_init and default_checkpoint_dir(spec) is None:
@@ -141,7 +139,7 @@ def _pid_alive(pid: int | None) -> bool:
 
 def _start_keeper(args: argparse.Namespace) -> dict:
     """Start the keeper process (a local Ray instance) and wait for its address."""
-    from .client import REPO_ROOT, state_file
+    from scheduler.client import REPO_ROOT, state_file
 
     state_dir = state_file().parent
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +170,7 @@ def _start_keeper(args: argparse.Namespace) -> dict:
 
 
 def cmd_cluster_start(args: argparse.Namespace) -> int:
-    from .client import ClusterClient, read_state, state_file
+    from scheduler.client import ClusterClient, read_state, state_file
 
     try:
         config = _scheduler_config(args)
@@ -227,7 +225,7 @@ def _stop_keeper(pid: int, timeout: float = 60.0) -> bool:
 
 
 def cmd_cluster_stop(args: argparse.Namespace) -> int:
-    from .client import ClusterClient, read_state, state_file
+    from scheduler.client import ClusterClient, read_state, state_file
 
     state = read_state()
     stopped_scheduler = None
@@ -257,8 +255,8 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .client import ClusterClient
-    from .wire import JobFileError, read_job_file, result_summary, write_results_msgpack
+    from scheduler.client import ClusterClient
+    from scheduler.wire import JobFileError, read_job_file, result_summary, write_results_msgpack
 
     try:
         records = read_job_file(args.jobs, args.format)
@@ -314,7 +312,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # ----- status ------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    from .client import ClusterClient
+    from scheduler.client import ClusterClient
 
     try:
         st = ClusterClient.connect(args.address, args.name).status(fresh=True)

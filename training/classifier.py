@@ -1,7 +1,7 @@
 """Small CNN that recognises the 10 synthetic shape classes; the referee for generated images.
 
 Why: a class-conditional generator is only useful if an image sampled for class ``c`` *looks like*
-class ``c``. This classifier, trained on the procedural dataset (:mod:`engine.data.shapes`), turns that
+class ``c``. This classifier, trained on the procedural dataset (:mod:`training.shapes`), turns that
 into a number ("class accuracy of generated samples") that engine tests and benchmarks can track, e.g.
 to check that a KV-cache optimisation did not silently change what the VAR model draws.
 
@@ -12,7 +12,7 @@ when scoring small or oddly distributed batches of generated images.
 
 Train / refresh the shipped weights (uses one CPU thread)::
 
-    python -m engine.models.classifier --steps 2000 --out engine/models/weights/classifier.safetensors
+    python -m training.classifier --steps 2000 --out training/weights/classifier.safetensors
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from engine.data.shapes import EVAL_SEED, IMAGE_SIZE, NUM_CLASSES, TRAIN_SEED, render_batch, to_tensor
+from training.shapes import EVAL_SEED, IMAGE_SIZE, NUM_CLASSES, TRAIN_SEED, render_batch, to_tensor
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
 DEFAULT_WIDTHS: tuple[int, ...] = (32, 64, 96, 160)
@@ -41,7 +41,7 @@ _ARCH = "ShapeClassifier"
 class ShapeClassifier(nn.Module):
     """Conv stages (3x3 stride-2 conv -> GroupNorm -> SiLU) + global average pool + linear.
 
-    Input: images in [-1, 1], float [B, 3, 64, 64] (what :func:`engine.data.shapes.to_tensor` yields).
+    Input: images in [-1, 1], float [B, 3, 64, 64] (what :func:`training.shapes.to_tensor` yields).
     Output: logits [B, num_classes]. Four stages take 64 px down to 4 px; each final feature sees a
     31 px window, half the image, so outlines (not just local texture) are visible. Strided convs
     instead of conv + max-pool: on CPU the full-resolution norm/activation/pool passes, not the convs,

@@ -32,8 +32,7 @@ from engine.precision import autocast_for
 from engine.reference import ContiguousKVCache
 from engine.requests import GenerationRequest
 from engine.sampling import make_generator, sample_scale
-
-from .profile import CalibrationSettings, ScaleProfile
+from memory.profile import CalibrationSettings, ScaleProfile
 
 __all__ = ["ASIRecorder", "calibrate", "rank_drafters", "timed_calibrate", "zscore_within_scales"]
 
