@@ -104,12 +104,12 @@ def run_in_process(args, engine_cfg, load: list[dict], threads: int) -> dict:
 
     from engine.api import ImageEngine
     from engine.models.registry import build_model
-    from engine.requests import GenerationRequest
+    from engine.request import ImageRequest
 
     torch.set_num_threads(threads)
     engine = ImageEngine(build_model(args.model, random_init=args.random_init), engine_cfg)
-    engine.generate([GenerationRequest(class_label=0, seed=1, request_id="warm")])
-    reqs = [GenerationRequest(request_id=r["request_id"], class_label=r["class_label"], seed=r["seed"]) for r in load]
+    engine.generate([ImageRequest(class_label=0, seed=1, request_id="warm")])
+    reqs = [ImageRequest(request_id=r["request_id"], class_label=r["class_label"], seed=r["seed"]) for r in load]
     t0 = time.perf_counter()
     results = engine.generate(reqs)
     for r in results:  # the cluster's workers encode PNGs too
@@ -136,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
 
-    from engine.api import EngineConfig, _parse_bytes
+    from engine.config import EngineConfig, parse_bytes
     from engine.models.registry import get_spec
     from scheduler.client import ensure_ray
 
-    engine_cfg = EngineConfig(dtype=args.dtype, kv_pool_bytes=_parse_bytes(args.kv_pool_bytes))
+    engine_cfg = EngineConfig(dtype=args.dtype, kv_pool_bytes=parse_bytes(args.kv_pool_bytes))
     load = _load(args.num, get_spec(args.model).var.num_classes)
     rows = []
     if not args.no_baseline:  # before Ray starts, so no Ray process shares the machine with it

@@ -19,12 +19,12 @@ from benchmarks.common import machine, today
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import build_model
 from engine.reference import generate_reference
-from engine.requests import GenerationRequest
+from engine.request import ImageRequest
 
 
-def make_requests(model, n: int) -> list[GenerationRequest]:
+def make_requests(model, n: int) -> list[ImageRequest]:
     spec = model.spec
-    return [GenerationRequest(class_label=(7 * i) % spec.var.num_classes, seed=1000 + i, cfg=spec.default_cfg,
+    return [ImageRequest(class_label=(7 * i) % spec.var.num_classes, seed=1000 + i, cfg=spec.default_cfg,
                               top_k=spec.default_top_k, top_p=spec.default_top_p, request_id=f"b{i}")
             for i in range(n)]
 

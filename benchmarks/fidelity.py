@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import LoadedModel
-from engine.requests import GenerationRequest, GenerationResult
+from engine.request import ImageRequest, ImageResult
 
 PSNR_CAP = 100.0  # dB reported for identical images (PSNR is infinite there)
 CLASSIFIER_MODELS = ("var-tiny",)  # models whose images the shape classifier can judge
@@ -117,7 +117,7 @@ def token_agreement(a: list[int], b: list[int], lengths: list[int]) -> list[floa
     return out
 
 
-def class_accuracy(results: list[GenerationResult]) -> float:
+def class_accuracy(results: list[ImageResult]) -> float:
     from training.classifier import load_classifier, predict
 
     x = torch.stack([torch.from_numpy(r.image) for r in results]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -127,10 +127,10 @@ def class_accuracy(results: list[GenerationResult]) -> float:
 
 
 # --------------------------------------------------------------------------- runs
-def make_requests(model: LoadedModel, num: int, seed: int) -> list[GenerationRequest]:
+def make_requests(model: LoadedModel, num: int, seed: int) -> list[ImageRequest]:
     """Request i: class i mod num_classes, seed seed + i, the model's default sampling."""
     spec = model.spec
-    return [GenerationRequest(class_label=i % spec.var.num_classes, seed=seed + i, request_id=f"r{i}")
+    return [ImageRequest(class_label=i % spec.var.num_classes, seed=seed + i, request_id=f"r{i}")
             for i in range(num)]
 
 
@@ -138,7 +138,7 @@ def make_requests(model: LoadedModel, num: int, seed: int) -> list[GenerationReq
 class PolicyRun:
     policy: str
     kv_budget: float
-    results: list[GenerationResult]
+    results: list[ImageResult]
     seconds: float
     request_pages: int  # pages reserved per request (both CFG sequences), transients included
     quota_pages: int  # the largest sum of per-layer quotas over scales, both sequences
@@ -157,7 +157,7 @@ class PolicyRun:
         return float(np.mean([r.stats["pages_peak"] for r in self.results])) * self.page_bytes
 
 
-def run_policy(model: LoadedModel, requests: list[GenerationRequest], policy: str, kv_budget: float,
+def run_policy(model: LoadedModel, requests: list[ImageRequest], policy: str, kv_budget: float,
                cfg: FidelityConfig) -> PolicyRun:
     engine = ImageEngine(model, cfg.engine_config(policy, kv_budget))
     plan = engine.plan_for(policy, kv_budget)

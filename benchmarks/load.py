@@ -314,11 +314,11 @@ def run_local(model, engine_config, spec: PolicySpec, stream: list[LoadRequest],
     from dataclasses import replace
 
     from engine.api import ImageEngine
-    from engine.requests import GenerationRequest
+    from engine.request import ImageRequest
 
     engine = ImageEngine(model, replace(engine_config, policy=spec.policy, kv_budget=spec.kv_budget))
     if cfg.warmup:
-        warm = [GenerationRequest(class_label=r.class_label, seed=r.seed + 7919, request_id=f"warmup{i}")
+        warm = [ImageRequest(class_label=r.class_label, seed=r.seed + 7919, request_id=f"warmup{i}")
                 for i, r in enumerate(stream[: cfg.warmup])]
         bad = [r for r in engine.generate(warm) if not r.ok]
         if bad:  # a policy the engine refuses (no scale profile ...): every request of the run fails the same way
@@ -338,7 +338,7 @@ def run_local(model, engine_config, spec: PolicySpec, stream: list[LoadRequest],
             rec = recs[r.request_id]
             rec.sent_s = round(sent, 6)
             rec.added_s = round(time.perf_counter() - t0, 6)
-            engine.add_request(GenerationRequest(class_label=r.class_label, seed=r.seed, request_id=r.request_id))
+            engine.add_request(ImageRequest(class_label=r.class_label, seed=r.seed, request_id=r.request_id))
         if not engine.has_unfinished():  # idle: note it on the timeline, sleep until the next arrival
             if tl.running[-1] or tl.used_pages[-1]:
                 tl.add(time.perf_counter() - t0, 0.0, 0, 0, engine.stats())

@@ -13,7 +13,7 @@ import torch
 from benchmarks.common import best_of, machine, today
 from engine.models.registry import build_model
 from engine.reference import generate_reference
-from engine.requests import GenerationRequest
+from engine.request import ImageRequest
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes:
         for b in args.batches:
-            reqs = [GenerationRequest(class_label=i % spec.var.num_classes, seed=i, cfg=spec.default_cfg,
+            reqs = [ImageRequest(class_label=i % spec.var.num_classes, seed=i, cfg=spec.default_cfg,
                                       top_k=spec.default_top_k, top_p=spec.default_top_p, request_id=str(i))
                     for i in range(b)]
             t = best_of(lambda reqs=reqs, dtype=dtype: generate_reference(model, reqs, dtype=dtype),

@@ -15,148 +15,28 @@ runner asks which tokens to keep. ``scalekv`` also needs the model's scale profi
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from memory.budgets import BudgetSettings, budget_plan
 from memory.manager import KVPlan, MemoryManager, RequestTooLargeError
-from memory.policies import POLICIES, SelectionPolicy, make_policy
+from memory.policies import SelectionPolicy, make_policy
+from memory.policy_names import POLICIES
 from memory.pool import KVPool
 from memory.profile import ScaleProfile
 
+from .config import DEFAULT_CPU_POOL_BYTES, EngineConfig
 from .models.registry import LoadedModel, shipped_profile_path
-from .precision import DTYPES, resolve_dtype
+from .precision import resolve_dtype
 from .reference import image_to_uint8
-from .requests import GenerationRequest, GenerationResult, validate_request
+from .request import REQUEST_FIELDS, ImageRequest, ImageResult, resolve_class
 from .runner import ModelRunner, RequestState
 from .sampling import make_generator
-
-DEFAULT_CPU_POOL_BYTES = 1 << 30
-
-
-@dataclass
-class EngineConfig:
-    """Memory and throughput knobs. Every field is also a CLI flag (``--kv-pool-bytes`` ...)
-    and an environment override (``SCALEKV_KV_POOL_BYTES`` ...)."""
-
-    block_size: int = 16  # tokens per KV page
-    kv_pool_bytes: int | None = None  # pool size; default 1 GiB on CPU
-    gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory for the pool
-    max_batch_tokens: int = 16384  # tokens (both CFG branches) advanced in one step
-    max_running: int = 64  # admitted requests at once
-    policy: str = "full"  # KV policy for requests that name none
-    kv_budget: float = 1.0  # fraction of the full cache for compressing policies
-    dtype: str = "auto"  # compute and K/V dtype; auto: bf16 on CUDA / CPUs with native bf16, else fp32
-    attention_backend: str = "auto"  # torch | xformers | auto
-    profile_path: str | None = None  # scale profile for scalekv (default: the model's shipped one)
-    window_size: int = 16  # observation window of queries (scalekv: a perfect square, grid centres)
-    pool_kernel: int = 5  # 1-D smoothing of window scores (odd)
-    pooling: str = "max"  # max | avg
-    budget_delta: float | None = None  # scalekv: linearly decaying refiner budget (None: drafters keep all)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.budget_delta, str):  # from the environment
-            self.budget_delta = None if self.budget_delta.lower() in ("", "none") else float(self.budget_delta)
-        if self.block_size < 1:
-            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
-        if self.kv_pool_bytes is not None and self.kv_pool_bytes <= 0:
-            raise ValueError(f"kv_pool_bytes: must be > 0, got {self.kv_pool_bytes}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens: must be >= 1, got {self.max_batch_tokens}")
-        if self.max_running < 1:
-            raise ValueError(f"max_running: must be >= 1, got {self.max_running}")
-        if not 0 < self.kv_budget <= 1:
-            raise ValueError(f"kv_budget: must be a fraction in (0, 1], got {self.kv_budget}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy: unknown policy {self.policy!r} (available: {', '.join(POLICIES)})")
-        if self.window_size < 1 or math.isqrt(self.window_size) ** 2 != self.window_size:
-            raise ValueError(f"window_size: must be a perfect square >= 1 (grid window), got {self.window_size}")
-        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel: must be an odd number >= 1, got {self.pool_kernel}")
-        if self.pooling not in ("max", "avg"):
-            raise ValueError(f"pooling: expected 'max' or 'avg', got {self.pooling!r}")
-        if self.budget_delta is not None and self.budget_delta < 0:
-            raise ValueError(f"budget_delta: must be >= 0, got {self.budget_delta}")
-
-    @classmethod
-    def add_cli_args(cls, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--block-size", type=int, default=None, help="tokens per KV page (default 16)")
-        p.add_argument("--kv-pool-bytes", type=_parse_bytes, default=None,
-                       help="KV pool size, e.g. 512MiB (default 1GiB on CPU)")
-        p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                       help="CUDA: fraction of free GPU memory for the pool (default 0.9)")
-        p.add_argument("--max-batch-tokens", type=int, default=None,
-                       help="tokens advanced per step, both CFG branches counted (default 16384)")
-        p.add_argument("--max-running", type=int, default=None, help="requests admitted at once (default 64)")
-        p.add_argument("--policy", default=None, choices=list(POLICIES), help="KV policy (default full)")
-        p.add_argument("--kv-budget", type=float, default=None, help="kept fraction of the KV cache (default 1.0)")
-        p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "xformers"])
-        p.add_argument("--profile-path", default=None,
-                       help="scale profile JSON for scalekv (default: the model's shipped scale_profile.json)")
-        p.add_argument("--window-size", type=int, default=None, help="observation window of queries (default 16)")
-        p.add_argument("--pool-kernel", type=int, default=None, help="score smoothing kernel (default 5)")
-        p.add_argument("--pooling", default=None, choices=["max", "avg"], help="score smoothing (default max)")
-        p.add_argument("--budget-delta", type=float, default=None,
-                       help="scalekv: refiner budget decays by this many tokens per compressed scale")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
-        """CLI flags override environment variables (SCALEKV_<FIELD>), which override defaults."""
-        values = {}
-        for f in fields(cls):
-            env = os.environ.get(f"SCALEKV_{f.name.upper()}")
-            if env is not None:
-                values[f.name] = _env_value(f.name, str(f.type), env)
-            v = getattr(args, f.name, None)
-            if v is not None:
-                values[f.name] = v
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _env_value(name: str, type_text: str, text: str):
-    """Convert a SCALEKV_<FIELD> environment value to the field's type, naming the field on error."""
-    try:
-        if name == "kv_pool_bytes":
-            return _parse_bytes(text)
-        if "float" in type_text:
-            return float(text)
-        if "int" in type_text:
-            return int(text)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise ValueError(f"{name}: cannot parse SCALEKV_{name.upper()}={text!r} as {type_text}") from None
-    return text
-
-
-def _parse_bytes(text: str | int) -> int:
-    """'512MiB', '2GB', '1e9' or a plain integer -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().lower().replace(" ", "")
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
-    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    try:
-        return int(float(s))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"kv_pool_bytes: cannot parse {text!r} (try 512MiB)") from None
 
 
 class ImageEngine:
@@ -181,7 +61,7 @@ class ImageEngine:
         self.runner = ModelRunner(model, self.pool, self.manager, self.dtype, backend)
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
-        self._finished: list[GenerationResult] = []
+        self._finished: list[ImageResult] = []
         self._seq_ids = itertools.count()
         self._plans: dict[tuple[str, float], KVPlan] = {}
         self._policies: dict[str, SelectionPolicy] = {}
@@ -230,20 +110,23 @@ class ImageEngine:
             self._policies[policy] = make_policy(policy, c.window_size, c.pool_kernel, c.pooling)
         return self._policies[policy]
 
-    def add_request(self, request: GenerationRequest) -> bool:
+    def add_request(self, request: ImageRequest) -> bool:
         """Queue a request. Bad input or a request that could never fit the pool is answered at
         once with an error result (see ``step``); returns False in that case."""
         spec = self.model.spec
         try:
-            validate_request(request, spec.var.num_classes)
-            req = request.resolved(spec.default_cfg, spec.default_top_k, spec.default_top_p)
+            try:
+                label = resolve_class(request.class_label, spec.class_names, spec.var.num_classes)
+            except ValueError as e:
+                raise ValueError(f"class_label: {e}") from None
+            req = request.model_copy(update={"class_label": label}).resolved(
+                spec.default_cfg, spec.default_top_k, spec.default_top_p)
             name = req.policy or self.config.policy
             plan = self.plan_for(name, self.config.kv_budget if req.kv_budget is None else req.kv_budget)
             policy = self.policy_for(name)
             self.manager.check_fits_pool(plan)
         except (ValueError, RequestTooLargeError) as e:
-            self._finished.append(GenerationResult(request.request_id, request.class_label, request.seed,
-                                                   error=str(e)))
+            self._finished.append(_error_result(request, str(e)))
             return False
         device = self.runner.device
         full = spec.vae.patch_nums[-1]
@@ -303,7 +186,7 @@ class ImageEngine:
                 st.policy.release(seq)
         return self.manager.release(self._key(st))
 
-    def step(self) -> list[GenerationResult]:
+    def step(self) -> list[ImageResult]:
         """Admit what fits, run one scale for a batch of running requests, and return the
         results that finished (including error results of rejected requests)."""
         self._admit()
@@ -315,9 +198,7 @@ class ImageEngine:
                 for st in batch:
                     self.running.remove(st)
                     self._release(st)
-                    self._finished.append(GenerationResult(
-                        st.request.request_id, st.request.class_label, st.request.seed,
-                        error=f"engine step failed: {type(e).__name__}: {e}"))
+                    self._finished.append(_error_result(st.request, f"engine step failed: {type(e).__name__}: {e}"))
             else:
                 self.num_steps += 1
                 now = time.perf_counter()
@@ -342,10 +223,11 @@ class ImageEngine:
             acct = self._release(st)
             scratch = 2 * spec.var.scale_lengths()[-1] * 2 * spec.var.width * self.pool.kv.element_size()
             req = st.request
-            self._finished.append(GenerationResult(
+            self._finished.append(ImageResult(
                 request_id=req.request_id,
                 class_label=req.class_label,
                 seed=req.seed,
+                job_id=req.job_id,
                 tokens=torch.cat(st.tokens).tolist(),
                 image=images[i].numpy(),
                 kv_peak_bytes=acct.get("kv_peak_bytes", 0) + scratch,
@@ -361,27 +243,26 @@ class ImageEngine:
                 },
             ))
 
-    def abort_all(self, reason: str = "aborted") -> list[GenerationResult]:
+    def abort_all(self, reason: str = "aborted") -> list[ImageResult]:
         """Fail every queued and running request and return all their pages."""
         out = []
         for st in list(self.waiting) + list(self.running):
             self._release(st)
-            out.append(GenerationResult(st.request.request_id, st.request.class_label, st.request.seed,
-                                        error=reason))
+            out.append(_error_result(st.request, reason))
         self.waiting.clear()
         self.running.clear()
         return out
 
-    def generate_stream(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+    def generate_stream(self, requests: Iterable[ImageRequest]) -> Iterator[ImageResult]:
         for r in requests:
             self.add_request(r)
         while self.has_unfinished():
             yield from self.step()
 
-    def generate(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Iterable[ImageRequest]) -> list[ImageResult]:
         """All results, in the order the requests were given."""
         requests = list(requests)
-        by_id = {}
+        by_id: dict[str, list[ImageResult]] = {}
         for r in self.generate_stream(requests):
             by_id.setdefault(r.request_id, []).append(r)
         return [by_id[r.request_id].pop(0) for r in requests]
@@ -412,3 +293,11 @@ class ImageEngine:
             "num_steps": self.num_steps,
             "num_preemptions": self.num_preemptions,
         }
+
+
+def _error_result(request: ImageRequest, message: str) -> ImageResult:
+    """A request answered with an error; ``fields`` names the request field when the message
+    starts with one (``kv_budget: ...``)."""
+    head = message.split(":", 1)[0]
+    return ImageResult(request.request_id, request.class_label, request.seed, job_id=request.job_id,
+                       error=message, fields=(head,) if head in REQUEST_FIELDS else ())

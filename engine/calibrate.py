@@ -24,17 +24,19 @@ budget is per layer).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from engine.models.registry import LoadedModel
-from engine.precision import autocast_for
-from engine.reference import ContiguousKVCache
-from engine.requests import GenerationRequest
-from engine.sampling import make_generator, sample_scale
 from memory.profile import CalibrationSettings, ScaleProfile
 
-__all__ = ["ASIRecorder", "calibrate", "rank_drafters", "timed_calibrate", "zscore_within_scales"]
+from .models.registry import WEIGHTS_DIR, LoadedModel
+from .reference import ContiguousKVCache, run_scales
+from .request import ImageRequest
+
+__all__ = ["ASIRecorder", "AttentionRecorder", "attention_report", "calibrate", "plot_attention_report",
+           "rank_drafters", "timed_calibrate", "zscore_within_scales"]
 
 
 class ASIRecorder(ContiguousKVCache):
@@ -61,7 +63,7 @@ class ASIRecorder(ContiguousKVCache):
         si = self.scale_index
         qs = q[:, :, self.queries[si].to(q.device)].float()
         keys = self.k[layer].float()
-        probs = (qs @ keys.transpose(-1, -2) * self.scales[layer]).softmax(dim=-1)  # [B, H, nq, hist + Lq]
+        probs = (qs @ keys.transpose(-1, -2) * self.softmax_scales[layer]).softmax(dim=-1)  # [B, H, nq, hist + Lq]
         kk = min(hist, max(1, round(self.topk_ratio * hist)))
         self.current_mass[si, layer] += float(probs[..., hist:].sum(-1).mean())
         self.history_topk[si, layer] += float(probs[..., :hist].topk(kk, dim=-1).values.sum(-1).mean())
@@ -117,25 +119,10 @@ def calibrate(
     n_d = cfg.num_scales - 1 if num_drafters is None else num_drafters
     if not 0 <= n_d <= pairs:
         raise ValueError(f"num_drafters: must be in 0..{pairs} ((scales - 1) x layers), got {n_d}")
-    reqs = [GenerationRequest(class_label=i % cfg.num_classes, seed=seed + i, cfg=spec.default_cfg,
-                              top_k=spec.default_top_k, top_p=spec.default_top_p) for i in range(num_requests)]
-    var, vae = model.var, model.vae
-    device = next(var.parameters()).device
-    b = len(reqs)
+    reqs = [ImageRequest(class_label=i % cfg.num_classes, seed=seed + i, cfg=spec.default_cfg,
+                         top_k=spec.default_top_k, top_p=spec.default_top_p) for i in range(num_requests)]
     rec = ASIRecorder(model, num_queries, topk_ratio, seed)
-    labels = torch.tensor([r.class_label for r in reqs] + [cfg.num_classes] * b, device=device)
-    gens = [make_generator(r.seed) for r in reqs]
-    side = spec.vae.patch_nums[-1]
-    f_hat = torch.zeros(b, spec.vae.z_channels, side, side, device=device)
-    nxt = None
-    with autocast_for(dtype, device):
-        cond = var.condition(labels)
-        for si in range(cfg.num_scales):
-            rec.scale_index = si
-            x = var.embed_scale(si, cond, None if si == 0 else torch.cat((nxt, nxt)))
-            logits = var.logits(var.run_blocks(x, cond, rec.attend), cond)
-            idx = sample_scale(logits[:b], logits[b:], reqs, gens, si, cfg.num_scales).to(device)
-            f_hat, nxt = vae.quantize.advance(f_hat, si, idx)
+    run_scales(model, reqs, cache=rec, dtype=dtype)
     cur, top = rec.factors()
     asi = cur * top
     z = zscore_within_scales(asi)
@@ -155,8 +142,6 @@ def calibrate(
 
 def _portable_source(source: str) -> str:
     """The weights' source without this checkout's absolute path (profiles are shipped)."""
-    from engine.models.registry import WEIGHTS_DIR
-
     return source.replace(str(WEIGHTS_DIR.parent.parent.parent) + "/", "")
 
 
@@ -166,3 +151,95 @@ def timed_calibrate(model: LoadedModel, **kw) -> tuple[ScaleProfile, float]:
     t0 = time.perf_counter()
     prof = calibrate(model, **kw)
     return prof, time.perf_counter() - t0
+
+
+# ----- the attention report: where each (scale, layer) looks -----------------------------
+@dataclass
+class AttentionStats:
+    """Accumulates per-(scale, layer) attention statistics during generation."""
+
+    num_scales: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        self.current_mass = torch.zeros(self.num_scales, self.num_layers, dtype=torch.float64)
+        self.entropy = torch.zeros(self.num_scales, self.num_layers, dtype=torch.float64)
+        self.count = torch.zeros(self.num_scales, dtype=torch.float64)
+
+    def report(self) -> dict:
+        n = self.count.clamp_min(1)[:, None]
+        return {
+            "current_scale_mass": (self.current_mass / n).tolist(),
+            "entropy_nats": (self.entropy / n).tolist(),
+        }
+
+
+class AttentionRecorder(ContiguousKVCache):
+    """The reference cache, also recording attention statistics of the conditional branch."""
+
+    def __init__(self, model: LoadedModel, stats: AttentionStats, batch: int, max_queries: int) -> None:
+        super().__init__(model)
+        self.stats, self.batch, self.max_queries = stats, batch, max_queries
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = super().attend(layer, q, k, v)
+        keys = self.k[layer][: self.batch].float()
+        lq = q.shape[2]
+        step = max(1, lq // self.max_queries)
+        qs = q[: self.batch, :, ::step].float()
+        probs = (qs @ keys.transpose(-1, -2) * self.softmax_scales[layer]).softmax(-1)  # [B, H, q, Lcum]
+        hist = keys.shape[2] - lq
+        cur = probs[..., hist:].sum(-1)
+        ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+        si = self.scale_index
+        self.stats.current_mass[si, layer] += float(cur.mean()) * self.batch
+        self.stats.entropy[si, layer] += float(ent.mean()) * self.batch
+        if layer == len(self.softmax_scales) - 1:
+            self.stats.count[si] += self.batch
+        return out
+
+
+@torch.no_grad()
+def attention_report(model: LoadedModel, requests: list[ImageRequest], max_queries: int = 64,
+                     dtype: str = "float32") -> dict:
+    """Generate ``requests`` with the reference loop, recording attention per (scale, layer)."""
+    spec = model.spec
+    b, num_scales = len(requests), spec.var.num_scales
+    stats = AttentionStats(num_scales, spec.var.depth)
+    cache = AttentionRecorder(model, stats, b, max_queries)
+    run_scales(model, requests, cache=cache, dtype=dtype)
+    rep = stats.report()
+    rep.update({"model": spec.name, "patch_nums": list(spec.var.patch_nums), "depth": spec.var.depth,
+                "num_requests": b, "max_queries_per_scale": max_queries})
+    mass = torch.tensor(rep["current_scale_mass"])[1:]  # scale 0 has no history
+    rep["summary"] = {
+        "min_current_mass": float(mass.min()),
+        "max_current_mass": float(mass.max()),
+        # scale index -> layers putting more than half of their attention on the current scale
+        "layers_mostly_current": {str(s + 1): [la for la in range(spec.var.depth) if mass[s, la] > 0.5]
+                                  for s in range(mass.shape[0])},
+    }
+    return rep
+
+
+def plot_attention_report(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mass = torch.tensor(report["current_scale_mass"])
+    ent = torch.tensor(report["entropy_nats"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, data, title, cmap in ((axes[0], mass, "attention mass on the current scale", "viridis"),
+                                  (axes[1], ent, "attention entropy (nats)", "magma")):
+        im = ax.imshow(data.T.numpy(), aspect="auto", origin="lower", cmap=cmap)
+        ax.set_xlabel("scale (side)")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(len(report["patch_nums"])), [str(p) for p in report["patch_nums"]])
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"{report['model']}: attention per (scale, layer), {report['num_requests']} requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

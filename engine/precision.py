@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-DTYPES = ("auto", "float32", "bfloat16")
+from .config import DTYPES  # noqa: F401  (re-exported)
 
 
 @functools.cache

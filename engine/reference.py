@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .models.registry import LoadedModel
 from .models.vqvae import NextScaleInput
 from .precision import autocast_for
-from .requests import GenerationRequest, GenerationResult
+from .request import ImageRequest, ImageResult
 from .sampling import make_generator, sample_scale
 
 
@@ -25,77 +25,102 @@ def image_to_uint8(img: torch.Tensor) -> torch.Tensor:
 
 
 class ContiguousKVCache:
-    """Per-layer K/V tensors [2B, H, L_cum, D], grown with ``torch.cat`` at every scale."""
+    """Per-layer K/V tensors [2B, H, L_cum, D], grown with ``torch.cat`` at every scale.
+
+    ``attend`` is the hook the transformer blocks call; subclasses that record attention
+    statistics (calibration, the attention report) override it and read ``scale_index``,
+    which ``run_scales`` sets before each scale."""
 
     def __init__(self, model: LoadedModel) -> None:
-        self.scales = [b.attn.scale for b in model.var.blocks]
-        self.k: list[torch.Tensor | None] = [None] * len(self.scales)
-        self.v: list[torch.Tensor | None] = [None] * len(self.scales)
+        self.softmax_scales = [b.attn.softmax_scale for b in model.var.blocks]
+        self.k: list[torch.Tensor | None] = [None] * len(self.softmax_scales)
+        self.v: list[torch.Tensor | None] = [None] * len(self.softmax_scales)
+        self.scale_index = 0
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.k[layer] is not None:
             k = torch.cat((self.k[layer], k), dim=2)
             v = torch.cat((self.v[layer], v), dim=2)
         self.k[layer], self.v[layer] = k, v
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scales[layer])
+        return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scales[layer])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 @torch.no_grad()
-def generate_reference(
+def run_scales(
     model: LoadedModel,
-    requests: list[GenerationRequest],
+    requests: list[ImageRequest],
+    cache: ContiguousKVCache | None = None,
     dtype: str = "float32",
     forced_tokens: list[torch.Tensor] | None = None,
-) -> list[GenerationResult]:
-    """Generate one image per request in a single batch (requests must be resolved: cfg, top_k
-    and top_p set). ``kv_peak_bytes`` is the batch's cache at its peak divided among requests.
+) -> tuple[list[torch.Tensor], torch.Tensor, ContiguousKVCache]:
+    """The one scale-by-scale generation loop (VAR's ``autoregressive_infer_cfg``): every
+    request in one batch, CFG as ``[cond ; uncond]`` rows, the cache ``cache`` (a plain
+    ``ContiguousKVCache`` by default, or a recording subclass). Requests must be resolved
+    (cfg, top_k and top_p set). Returns the tokens of each scale ``[B, p^2]``, the final
+    feature map ``f_hat`` ``[B, C, H, W]`` and the cache.
 
     ``forced_tokens`` (a diagnostic): tokens [B, p_k^2] of the first ``len(forced_tokens)`` scales,
     used instead of sampling them (the model still runs those scales, so its cache is the one
     it would have built had it sampled exactly these tokens). Forcing a real image's coarse
     scales and sampling the rest shows at which scales a model loses what the image should be.
     """
-    if not requests:
-        return []
+    var, vae, spec = model.var, model.vae, model.spec
     forced = forced_tokens or []
-    if len(forced) > model.spec.var.num_scales:
-        raise ValueError(f"forced_tokens: {len(forced)} scales given, the model has {model.spec.var.num_scales}")
+    if len(forced) > spec.var.num_scales:
+        raise ValueError(f"forced_tokens: {len(forced)} scales given, the model has {spec.var.num_scales}")
     for si, t in enumerate(forced):
-        want = (len(requests), model.spec.var.patch_nums[si] ** 2)
+        want = (len(requests), spec.var.patch_nums[si] ** 2)
         if tuple(t.shape) != want:
             raise ValueError(f"forced_tokens[{si}]: expected shape {want}, got {tuple(t.shape)}")
-    t0 = time.perf_counter()
-    var, vae, spec = model.var, model.vae, model.spec
     device = next(var.parameters()).device
     num_scales, b = spec.var.num_scales, len(requests)
-    labels = torch.tensor([r.class_label for r in requests] + [spec.var.num_classes] * b, device=device)
+    labels_B2 = torch.tensor([r.class_label for r in requests] + [spec.var.num_classes] * b, device=device)
     generators = [make_generator(r.seed) for r in requests]
-    cache = ContiguousKVCache(model)
+    cache = cache or ContiguousKVCache(model)
     state = NextScaleInput(vae.quantize, b, device)
     tokens: list[torch.Tensor] = []
-    next_input = None
+    next_input_BlC = None
     with autocast_for(dtype, device):
-        cond = var.condition(labels)
+        cond_B2C = var.condition(labels_B2)
         for si in range(num_scales):
-            x = var.embed_scale(si, cond, None if si == 0 else torch.cat((next_input, next_input)))
-            logits = var.logits(var.run_blocks(x, cond, cache.attend), cond)
-            idx = sample_scale(logits[:b], logits[b:], requests, generators, si, num_scales).to(device)
+            cache.scale_index = si
+            x_B2lC = var.embed_scale(si, cond_B2C, None if si == 0 else torch.cat((next_input_BlC, next_input_BlC)))
+            logits_B2lV = var.logits(var.run_blocks(x_B2lC, cond_B2C, cache.attend), cond_B2C)
+            idx_Bl = sample_scale(logits_B2lV[:b], logits_B2lV[b:], requests, generators, si, num_scales).to(device)
             if si < len(forced):  # sampled anyway, so each request's generator stays on its own stream
-                idx = forced[si].to(device=device, dtype=idx.dtype)
-            tokens.append(idx)
-            next_input = state.add(si, idx)
-    images = image_to_uint8(vae.fhat_to_img(state.f_hat))
+                idx_Bl = forced[si].to(device=device, dtype=idx_Bl.dtype)
+            tokens.append(idx_Bl)
+            next_input_BlC = state.add(si, idx_Bl)
+    return tokens, state.f_hat, cache
+
+
+@torch.no_grad()
+def generate_reference(
+    model: LoadedModel,
+    requests: list[ImageRequest],
+    dtype: str = "float32",
+    forced_tokens: list[torch.Tensor] | None = None,
+) -> list[ImageResult]:
+    """Generate one image per request in a single batch with ``run_scales`` and decode them
+    (requests must be resolved). ``kv_peak_bytes`` is the batch's cache at its peak divided
+    among requests."""
+    if not requests:
+        return []
+    t0 = time.perf_counter()
+    tokens, f_hat, cache = run_scales(model, requests, dtype=dtype, forced_tokens=forced_tokens)
+    images = image_to_uint8(model.vae.fhat_to_img(f_hat))
     seconds = time.perf_counter() - t0
     flat = torch.cat(tokens, dim=1).cpu()
-    per_request_kv = cache.nbytes() // b
+    per_request_kv = cache.nbytes() // len(requests)
     return [
-        GenerationResult(
+        ImageResult(
             request_id=r.request_id,
             class_label=r.class_label,
             seed=r.seed,
+            job_id=r.job_id,
             tokens=flat[i].tolist(),
             image=images[i].numpy(),
             kv_peak_bytes=per_request_kv,

@@ -28,7 +28,7 @@ from memory.pool import KVPool
 
 from .models.registry import LoadedModel
 from .precision import autocast_for
-from .requests import GenerationRequest
+from .request import ImageRequest
 from .sampling import sample_scale
 
 
@@ -36,7 +36,7 @@ from .sampling import sample_scale
 class RequestState:
     """What the engine tracks for one running request (two sequences with CFG)."""
 
-    request: GenerationRequest
+    request: ImageRequest
     seqs: tuple[int, int]  # (conditional, unconditional) sequence ids
     plan: KVPlan
     generator: torch.Generator
@@ -75,7 +75,7 @@ class ModelRunner:
         self.dtype = dtype
         self.backend = attention_backend
         self.device = next(self.var.parameters()).device
-        self.softmax_scales = [b.attn.scale for b in self.var.blocks]
+        self.softmax_scales = [b.attn.softmax_scale for b in self.var.blocks]
         self._groups: list[_Group] = []
 
     def _autocast(self):

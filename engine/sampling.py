@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .requests import GenerationRequest
+from .request import ImageRequest
 
 
 def guidance_weight(cfg: float, scale_index: int, num_scales: int) -> float:
@@ -55,7 +55,7 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torc
 def sample_scale(
     logits_cond: torch.Tensor,
     logits_uncond: torch.Tensor,
-    requests: list[GenerationRequest],
+    requests: list[ImageRequest],
     generators: list[torch.Generator],
     scale_index: int,
     num_scales: int,

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .policy_names import PLAN_KINDS, POLICIES
+
 __all__ = [
     "PLAN_KINDS",
     "POLICIES",
@@ -46,19 +48,6 @@ __all__ = [
     "topk_keep",
     "window_scores",
 ]
-
-# policy name -> how its budgets are split (memory.budgets.budget_plan)
-PLAN_KINDS: dict[str, str] = {
-    "full": "full",
-    "sliding": "uniform",
-    "streaming": "uniform",
-    "h2o": "uniform",
-    "snapkv": "uniform",
-    "pyramidkv": "pyramid",
-    "scalekv": "scalekv",
-}
-POLICIES = tuple(PLAN_KINDS)
-
 
 @dataclass(frozen=True)
 class SelectionContext:

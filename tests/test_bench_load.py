@@ -110,7 +110,7 @@ def test_tiny_load_end_to_end_two_policies_json_has_every_field(tmp_path, capsys
     rc = main(["bench", "load", "--model", "var-micro", "--random-init", "--num-requests", "5",
                "--request-rates", "200,inf", "--max-concurrency", "2", "--policy", "full", "--policy", "sliding",
                "--kv-budget", "0.5", "--kv-pool-bytes", "1MiB", "--dtype", "float32", "--seed", "3",
-               "--json", str(out), "--plot", str(plots), "--no-progress"])
+               "--report", str(out), "--plot", str(plots), "--no-progress"])
     assert rc == 0
     table = capsys.readouterr().out
     assert "sliding@0.5" in table and "ratios to full" in table
@@ -155,7 +155,7 @@ def test_a_policy_the_engine_refuses_fails_its_requests_not_the_benchmark(tmp_pa
     out = tmp_path / "load.json"
     rc = main(["bench", "load", "--model", "var-micro", "--random-init", "--num-requests", "2",
                "--policy", "full", "--policy", "scalekv@0.5", "--profile-path", str(tmp_path / "missing.json"),
-               "--kv-pool-bytes", "1MiB", "--dtype", "float32", "--json", str(out), "--no-progress"])
+               "--kv-pool-bytes", "1MiB", "--dtype", "float32", "--report", str(out), "--no-progress"])
     assert rc == 1
     rep = json.loads(out.read_text())
     full, sk = (r["summary"] for r in rep["runs"])
@@ -172,7 +172,7 @@ def test_tiny_load_on_a_local_cluster(tmp_path):
     out = tmp_path / "load.json"
     rc = main(["bench", "load", "--model", "var-micro", "--random-init", "--cluster-workers", "1", "--threads", "1",
                "--num-requests", "4", "--request-rate", "50", "--policy", "full", "--policy", "sliding@0.5",
-               "--kv-pool-bytes", "1MiB", "--dtype", "float32", "--json", str(out), "--no-progress"])
+               "--kv-pool-bytes", "1MiB", "--dtype", "float32", "--report", str(out), "--no-progress"])
     assert rc == 0
     rep = json.loads(out.read_text())
     assert rep["mode"] == "local-cluster" and set(REPORT_FIELDS) <= set(rep)

@@ -86,7 +86,7 @@ def test_calibrate_cli_writes_a_profile(tmp_path, capsys):
 
     out = tmp_path / "prof.json"
     rc = main(["calibrate", "--model", "var-micro", "--random-init", "--num-requests", "2", "--num-queries", "8",
-               "--out", str(out)])
+               "--out", str(out), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == "var-micro" and "drafters_per_scale" in summary

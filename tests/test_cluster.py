@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 from engine.api import EngineConfig, ImageEngine  # noqa: E402
 from engine.models.registry import build_model  # noqa: E402
-from engine.requests import GenerationRequest  # noqa: E402
+from engine.request import ImageRequest  # noqa: E402
 from scalekv.cli import main  # noqa: E402
 from scheduler.client import ClusterClient, ensure_ray  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
@@ -43,7 +43,7 @@ def reference():
     engine = ImageEngine(build_model("var-micro", random_init=True, seed=0), ENGINE)
 
     def run(keys: list[tuple]) -> dict[tuple, tuple[list[int], np.ndarray]]:
-        reqs = [GenerationRequest(class_label=c, seed=s, cfg=g, top_k=k, top_p=p, request_id=str(i))
+        reqs = [ImageRequest(class_label=c, seed=s, cfg=g, top_k=k, top_p=p, request_id=str(i))
                 for i, (c, s, g, k, p) in enumerate(keys)]
         return {key: (r.tokens, r.image) for key, r in zip(keys, engine.generate(reqs))}
 

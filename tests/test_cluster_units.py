@@ -8,7 +8,7 @@ import pytest
 
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import build_model
-from engine.requests import GenerationRequest
+from engine.request import ImageRequest
 from scheduler.jobs import Item, JobTable
 from scheduler.routing import WorkerView, pick_worker, route
 from scheduler.wire import RecordError, WireRequest
@@ -82,7 +82,7 @@ def test_worker_results_match_the_single_process_engine(worker):
     for r in _drain(worker, 6):
         results[r["key"]] = r
     engine = ImageEngine(build_model("var-micro", random_init=True, seed=0), ENGINE)
-    ref = engine.generate([GenerationRequest(class_label=i % 10, seed=100 + i, cfg=1.5, top_k=6, top_p=0.9,
+    ref = engine.generate([ImageRequest(class_label=i % 10, seed=100 + i, cfg=1.5, top_k=6, top_p=0.9,
                                              request_id=f"job/q{i}") for i in range(6)])
     assert sorted(results) == sorted(r.request_id for r in ref)
     for r in ref:

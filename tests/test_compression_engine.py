@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from engine.api import EngineConfig, ImageEngine
-from engine.reference import ContiguousKVCache
-from engine.requests import GenerationRequest
-from engine.sampling import make_generator, sample_scale
+from engine.reference import ContiguousKVCache, run_scales
+from engine.request import ImageRequest
 from memory.budgets import compressed_scales
 from memory.policies import POLICIES, SelectionContext, make_policy
 from memory.profile import ScaleProfile
@@ -31,8 +30,8 @@ def profile_path(tmp_path_factory, micro_model):
     return str(path)
 
 
-def _reqs(n: int, seed0: int = 11, **kw) -> list[GenerationRequest]:
-    return [GenerationRequest(class_label=(2 * i + 1) % 10, seed=seed0 + i, cfg=1.5, top_k=10, top_p=0.9,
+def _reqs(n: int, seed0: int = 11, **kw) -> list[ImageRequest]:
+    return [ImageRequest(class_label=(2 * i + 1) % 10, seed=seed0 + i, cfg=1.5, top_k=10, top_p=0.9,
                               request_id=f"c{i}", **kw) for i in range(n)]
 
 
@@ -54,7 +53,6 @@ class _DenseCompressedCache(ContiguousKVCache):
     def __init__(self, model, plan, policy) -> None:
         super().__init__(model)
         self.plan, self.policy, self.patch_nums = plan, policy, model.spec.var.patch_nums
-        self.scale_index = 0
 
     def attend(self, layer, q, k, v):
         hist = 0 if self.k[layer] is None else self.k[layer].shape[2]
@@ -65,7 +63,7 @@ class _DenseCompressedCache(ContiguousKVCache):
             self.k[layer] = self.v[layer] = None
         elif keep < keys.shape[2] or self.policy.observes_every_step:
             ctx = SelectionContext(layer=layer, scale=si, side=self.patch_nums[si], hist_len=hist, capacity=keep,
-                                   softmax_scale=self.scales[layer], seqs=tuple(range(keys.shape[0])))
+                                   softmax_scale=self.softmax_scales[layer], seqs=tuple(range(keys.shape[0])))
             idx = self.policy.select(ctx, q, keys)
             if idx is not None:
                 gidx = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
@@ -73,23 +71,8 @@ class _DenseCompressedCache(ContiguousKVCache):
         return out
 
 
-@torch.no_grad()
 def _dense_generate(model, requests, plan, policy) -> dict[str, list[int]]:
-    var, vae, spec = model.var, model.vae, model.spec
-    b, k = len(requests), spec.var.num_scales
-    cache = _DenseCompressedCache(model, plan, policy)
-    labels = torch.tensor([r.class_label for r in requests] + [spec.var.num_classes] * b)
-    gens = [make_generator(r.seed) for r in requests]
-    side = spec.vae.patch_nums[-1]
-    f_hat, nxt, toks = torch.zeros(b, spec.vae.z_channels, side, side), None, []
-    cond = var.condition(labels)
-    for si in range(k):
-        cache.scale_index = si
-        x = var.embed_scale(si, cond, None if si == 0 else torch.cat((nxt, nxt)))
-        logits = var.logits(var.run_blocks(x, cond, cache.attend), cond)
-        idx = sample_scale(logits[:b], logits[b:], requests, gens, si, k)
-        toks.append(idx)
-        f_hat, nxt = vae.quantize.advance(f_hat, si, idx)
+    toks, _f_hat, _cache = run_scales(model, requests, cache=_DenseCompressedCache(model, plan, policy))
     flat = torch.cat(toks, dim=1)
     return {r.request_id: flat[i].tolist() for i, r in enumerate(requests)}
 
@@ -145,7 +128,7 @@ def test_pages_freed_by_compression_return_to_the_pool(micro_model, profile_path
 
 
 def test_mixed_policies_in_one_batch_match_solo_runs(micro_model, profile_path):
-    mixed = [GenerationRequest(class_label=i % 10, seed=5 + i, request_id=f"m{i}", policy=p, kv_budget=b)
+    mixed = [ImageRequest(class_label=i % 10, seed=5 + i, request_id=f"m{i}", policy=p, kv_budget=b)
              for i, (p, b) in enumerate([("scalekv", 0.5), ("h2o", 0.2), ("full", None), ("snapkv", 0.2),
                                          ("scalekv", 0.2), ("pyramidkv", 0.5), ("h2o", 0.5)])]
     eng = _engine(micro_model, profile_path)
@@ -190,7 +173,7 @@ def test_fidelity_cli_end_to_end(micro_model, profile_path, tmp_path, capsys):
     out = tmp_path / "fid.json"
     rc = main(["bench", "fidelity", "--model", "var-micro", "--random-init", "--policies", "full,scalekv,sliding",
                "--budgets", "0.2,0.5", "--num", "2", "--block-size", "4", "--window-size", "4",
-               "--profile-path", profile_path, "--kv-pool-bytes", "1MiB", "--json", str(out), "--plot",
+               "--profile-path", profile_path, "--kv-pool-bytes", "1MiB", "--report", str(out), "--plot",
                str(tmp_path / "plots")])
     assert rc == 0
     rep = json.loads(out.read_text())

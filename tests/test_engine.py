@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from engine.api import EngineConfig, ImageEngine
 from engine.reference import generate_reference
-from engine.requests import GenerationRequest
+from engine.request import ImageRequest
 
 
-def _reqs(n: int, seed0: int = 40) -> list[GenerationRequest]:
+def _reqs(n: int, seed0: int = 40) -> list[ImageRequest]:
     return [
-        GenerationRequest(class_label=(3 * i) % 10, seed=seed0 + i, cfg=1.0 + 0.5 * (i % 3), top_k=8 + i, top_p=0.9,
+        ImageRequest(class_label=(3 * i) % 10, seed=seed0 + i, cfg=1.0 + 0.5 * (i % 3), top_k=8 + i, top_p=0.9,
                           request_id=f"q{i}")
         for i in range(n)
     ]
@@ -68,16 +69,24 @@ def test_request_larger_than_the_pool_is_rejected_not_queued(micro_model):
     assert not eng.has_unfinished()
 
 
+def test_malformed_request_is_refused_at_construction_naming_every_field():
+    with pytest.raises(ValidationError) as e:
+        ImageRequest(class_label=1, cfg=float("nan"), top_p=2.0, request_id="bad-cfg")
+    assert {err["loc"][0] for err in e.value.errors()} == {"cfg", "top_p"}
+
+
 def test_bad_requests_get_errors_and_others_carry_on(micro_model):
     eng = _engine(micro_model)
-    bad = [GenerationRequest(class_label=99, request_id="bad-class"),
-           GenerationRequest(class_label=1, cfg=float("nan"), request_id="bad-cfg"),
-           GenerationRequest(class_label=1, policy="nope", request_id="bad-policy")]
+    bad = [ImageRequest(class_label=99, request_id="bad-class"),
+           ImageRequest(class_label="ring-striped", request_id="bad-name"),  # var-micro has no class names
+           ImageRequest(class_label=1, policy="nope", request_id="bad-policy")]
     good = _reqs(2)
     results = eng.generate(bad + good)
-    errors = {r.request_id: r.error for r in results if not r.ok}
-    assert set(errors) == {"bad-class", "bad-cfg", "bad-policy"}
-    assert "class_label" in errors["bad-class"] and "cfg" in errors["bad-cfg"] and "policy" in errors["bad-policy"]
+    errors = {r.request_id: r for r in results if not r.ok}
+    assert set(errors) == {"bad-class", "bad-name", "bad-policy"}
+    assert errors["bad-class"].fields == ("class_label",) and "0..9" in errors["bad-class"].error
+    assert errors["bad-name"].fields == ("class_label",) and "index" in errors["bad-name"].error
+    assert errors["bad-policy"].fields == ("policy",)
     assert [r.ok for r in results[3:]] == [True, True]
     assert eng.pool.num_free == eng.pool.num_pages
 
@@ -131,7 +140,7 @@ def test_engine_config_from_environment_and_flags(monkeypatch):
 def test_duplicate_request_ids_are_served_independently(micro_model):
     eng = _engine(micro_model)
     a, b = _reqs(2)
-    b.request_id = a.request_id
+    b = b.model_copy(update={"request_id": a.request_id})
     results = eng.generate([a, b])
     assert [r.ok for r in results] == [True, True]
     assert results[0].tokens != results[1].tokens  # different seeds, both really generated

@@ -133,7 +133,7 @@ def test_pieced_block_causal_attention_equals_one_masked_sdpa(micro_model, unmas
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, 3, cfg.seq_len, 8, generator=gen) for _ in range(3))
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=var.attn_bias_for_masking,
-                                         scale=var.blocks[0].attn.scale)
+                                         scale=var.blocks[0].attn.softmax_scale)
     pieced = var._block_causal_attend(cfg.num_scales, unmasked_scales)(0, q, k, v)
     assert pieced.shape == dense.shape
     assert (pieced - dense).abs().max() < 1e-5

@@ -9,13 +9,13 @@ import pytest
 
 from engine.models.registry import build_model
 from engine.reference import generate_reference
-from engine.requests import GenerationRequest
+from engine.request import ImageRequest
 from scalekv.cli import main
 
 
-def _reqs(n: int, seed0: int = 10, **kw) -> list[GenerationRequest]:
+def _reqs(n: int, seed0: int = 10, **kw) -> list[ImageRequest]:
     kw = {"cfg": 1.5, "top_k": 8, "top_p": 0.9, **kw}
-    return [GenerationRequest(class_label=i % 10, seed=seed0 + i, request_id=f"r{i}", **kw) for i in range(n)]
+    return [ImageRequest(class_label=i % 10, seed=seed0 + i, request_id=f"r{i}", **kw) for i in range(n)]
 
 
 def test_seeded_generation_is_reproducible(micro_model):
@@ -114,4 +114,4 @@ def test_cli_engine_and_reference_write_the_same_tokens(tmp_path):
 
 def test_cli_bad_class_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", "var-micro", "--random-init", "--class", "42", "--out", str(tmp_path)]) == 2
-    assert "class_label" in capsys.readouterr().err
+    assert "--class: unknown class 42" in capsys.readouterr().err

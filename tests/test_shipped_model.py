@@ -42,9 +42,9 @@ def test_tokenizer_decodes_are_near_fixed_points(tiny):
 
 def test_shipped_model_generates_images(tiny):
     from engine.api import EngineConfig, ImageEngine
-    from engine.requests import GenerationRequest
+    from engine.request import ImageRequest
 
-    res = ImageEngine(tiny, EngineConfig()).generate([GenerationRequest(class_label=3, seed=0, request_id="a")])
+    res = ImageEngine(tiny, EngineConfig()).generate([ImageRequest(class_label=3, seed=0, request_id="a")])
     assert res[0].ok and res[0].image.shape == (64, 64, 3) and len(res[0].tokens) == 680
     assert res[0].image.std() > 5  # not a blank image
 

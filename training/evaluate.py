@@ -1,127 +1,17 @@
-"""Model evaluation: tokenizer PSNR, class accuracy of samples, and the attention report.
-
-The attention report is what the compression work starts from: for every (scale, layer) it
-gives the share of attention mass the current scale's queries put on their own scale (vs all
-earlier scales) and the attention entropy, averaged over heads, queries and requests.
+"""Model evaluation: class accuracy of samples (scored by the shape classifier), where samples
+lose their class (teacher-forced prefixes), and sample grids. The attention report, which runs
+the model with an attention hook like calibration does, lives beside it in ``engine/calibrate.py``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.models.registry import LoadedModel
-from engine.precision import autocast_for
-from engine.reference import ContiguousKVCache
-from engine.requests import GenerationRequest
-from engine.sampling import make_generator, sample_scale
-
-
-@dataclass
-class AttentionStats:
-    """Accumulates per-(scale, layer) attention statistics during generation."""
-
-    num_scales: int
-    num_layers: int
-
-    def __post_init__(self) -> None:
-        self.current_mass = torch.zeros(self.num_scales, self.num_layers, dtype=torch.float64)
-        self.entropy = torch.zeros(self.num_scales, self.num_layers, dtype=torch.float64)
-        self.count = torch.zeros(self.num_scales, dtype=torch.float64)
-
-    def report(self) -> dict:
-        n = self.count.clamp_min(1)[:, None]
-        return {
-            "current_scale_mass": (self.current_mass / n).tolist(),
-            "entropy_nats": (self.entropy / n).tolist(),
-        }
-
-
-class _RecordingCache(ContiguousKVCache):
-    """The reference cache, also recording attention statistics of the conditional branch."""
-
-    def __init__(self, model: LoadedModel, stats: AttentionStats, batch: int, max_queries: int) -> None:
-        super().__init__(model)
-        self.stats, self.batch, self.max_queries = stats, batch, max_queries
-        self.scale_index = 0
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = super().attend(layer, q, k, v)
-        keys = self.k[layer][: self.batch].float()
-        lq = q.shape[2]
-        step = max(1, lq // self.max_queries)
-        qs = q[: self.batch, :, ::step].float()
-        probs = (qs @ keys.transpose(-1, -2) * self.scales[layer]).softmax(-1)  # [B, H, q, Lcum]
-        hist = keys.shape[2] - lq
-        cur = probs[..., hist:].sum(-1)
-        ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-        si = self.scale_index
-        self.stats.current_mass[si, layer] += float(cur.mean()) * self.batch
-        self.stats.entropy[si, layer] += float(ent.mean()) * self.batch
-        if layer == len(self.scales) - 1:
-            self.stats.count[si] += self.batch
-        return out
-
-
-@torch.no_grad()
-def attention_report(model: LoadedModel, requests: list[GenerationRequest], max_queries: int = 64,
-                     dtype: str = "float32") -> dict:
-    """Generate ``requests`` with the reference loop, recording attention per (scale, layer)."""
-    var, vae, spec = model.var, model.vae, model.spec
-    device = next(var.parameters()).device
-    b, num_scales = len(requests), spec.var.num_scales
-    stats = AttentionStats(num_scales, spec.var.depth)
-    cache = _RecordingCache(model, stats, b, max_queries)
-    labels = torch.tensor([r.class_label for r in requests] + [spec.var.num_classes] * b, device=device)
-    gens = [make_generator(r.seed) for r in requests]
-    f_hat = torch.zeros(b, spec.vae.z_channels, spec.vae.patch_nums[-1], spec.vae.patch_nums[-1], device=device)
-    nxt = None
-    with autocast_for(dtype, device):
-        cond = var.condition(labels)
-        for si in range(num_scales):
-            cache.scale_index = si
-            x = var.embed_scale(si, cond, None if si == 0 else torch.cat((nxt, nxt)))
-            logits = var.logits(var.run_blocks(x, cond, cache.attend), cond)
-            idx = sample_scale(logits[:b], logits[b:], requests, gens, si, num_scales).to(device)
-            f_hat, nxt = vae.quantize.advance(f_hat, si, idx)
-    rep = stats.report()
-    rep.update({"model": spec.name, "patch_nums": list(spec.var.patch_nums), "depth": spec.var.depth,
-                "num_requests": b, "max_queries_per_scale": max_queries})
-    mass = torch.tensor(rep["current_scale_mass"])[1:]  # scale 0 has no history
-    rep["summary"] = {
-        "min_current_mass": float(mass.min()),
-        "max_current_mass": float(mass.max()),
-        # scale index -> layers putting more than half of their attention on the current scale
-        "layers_mostly_current": {str(s + 1): [la for la in range(spec.var.depth) if mass[s, la] > 0.5]
-                                  for s in range(mass.shape[0])},
-    }
-    return rep
-
-
-def plot_attention_report(report: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mass = torch.tensor(report["current_scale_mass"])
-    ent = torch.tensor(report["entropy_nats"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, data, title, cmap in ((axes[0], mass, "attention mass on the current scale", "viridis"),
-                                  (axes[1], ent, "attention entropy (nats)", "magma")):
-        im = ax.imshow(data.T.numpy(), aspect="auto", origin="lower", cmap=cmap)
-        ax.set_xlabel("scale (side)")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(len(report["patch_nums"])), [str(p) for p in report["patch_nums"]])
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax)
-    fig.suptitle(f"{report['model']}: attention per (scale, layer), {report['num_requests']} requests")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+from engine.request import ImageRequest
 
 
 @torch.no_grad()
@@ -137,7 +27,7 @@ def sample_accuracy(model: LoadedModel, per_class: int = 100, seed: int = 0, eng
 
     spec = model.spec
     engine = ImageEngine(model, engine_config or EngineConfig())
-    reqs = [GenerationRequest(class_label=c, seed=seed + i, request_id=f"c{c}-{i}", cfg=cfg, top_k=top_k,
+    reqs = [ImageRequest(class_label=c, seed=seed + i, request_id=f"c{c}-{i}", cfg=cfg, top_k=top_k,
                               top_p=top_p)
             for c in range(spec.var.num_classes) for i in range(per_class)]
     images, labels = [], []
@@ -190,7 +80,7 @@ def forced_prefix_accuracy(model: LoadedModel, forced_scales: list[int], per_cla
     for i in range(0, n, batch):
         x = to_tensor(imgs[i : i + batch])
         real = model.vae.img_to_indices(x.to(next(model.vae.parameters()).device))  # once for every k
-        reqs = [GenerationRequest(class_label=int(labels[j]), seed=start + j, request_id=str(j),
+        reqs = [ImageRequest(class_label=int(labels[j]), seed=start + j, request_id=str(j),
                                   cfg=spec.default_cfg, top_k=spec.default_top_k, top_p=spec.default_top_p)
                 for j in range(i, i + x.shape[0])]
         for k in forced_scales:
@@ -217,7 +107,7 @@ def sample_grid(model: LoadedModel, path: str | Path, per_class: int = 8, seed: 
     from engine.api import EngineConfig, ImageEngine
 
     n_cls = model.spec.var.num_classes
-    reqs = [GenerationRequest(class_label=c, seed=seed + i, request_id=f"{c}-{i}")
+    reqs = [ImageRequest(class_label=c, seed=seed + i, request_id=f"{c}-{i}")
             for c in range(n_cls) for i in range(per_class)]
     results = ImageEngine(model, engine_config or EngineConfig()).generate(reqs)
     tiles = [r.image for r in results]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.api import EngineConfig
+from engine.config import EngineConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 

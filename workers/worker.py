@@ -29,7 +29,7 @@ from collections import deque
 
 from engine.api import ImageEngine
 from engine.models.registry import build_model
-from engine.requests import GenerationRequest, GenerationResult
+from engine.request import ImageRequest, ImageResult
 from memory.manager import RequestTooLargeError
 
 from .config import WorkerConfig
@@ -238,19 +238,19 @@ class Worker:
         return self.engine.has_unfinished()
 
     def _add(self, wire: dict) -> None:
-        req = GenerationRequest(class_label=wire["class_label"], seed=wire["seed"], cfg=wire.get("cfg"),
+        req = ImageRequest(class_label=wire["class_label"], seed=wire["seed"], cfg=wire.get("cfg"),
                                 top_k=wire.get("top_k"), top_p=wire.get("top_p"), request_id=wire["key"],
                                 policy=wire.get("policy"), kv_budget=wire.get("kv_budget"))
         self.engine.add_request(req)  # bad input becomes an error result on the next step
 
-    def _step(self) -> list[GenerationResult]:
+    def _step(self) -> list[ImageResult]:
         try:
             return self.engine.step()
         except Exception as e:  # the engine fails a broken batch itself; this is a bug beyond that
             log.exception("worker %s: step crashed", self.name)
             return self.engine.abort_all(f"worker {self.name} step crashed: {type(e).__name__}: {e}")
 
-    def _to_wire(self, r: GenerationResult) -> dict:
+    def _to_wire(self, r: ImageResult) -> dict:
         """A finished request as plain data: tokens as ints, the image as PNG bytes."""
         self._finished_total += 1
         out = {"key": r.request_id, "ok": r.ok, "error": r.error, "class_label": r.class_label, "seed": r.seed,

@@ -104,7 +104,15 @@ class ModelSpec:
     default_cfg: float = 1.5
     default_top_k: int = 900
     default_top_p: float = 0.96
+    class_names: tuple[str, ...] | None = None  # names accepted for class_label (index order)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.class_names is not None and len(self.class_names) != self.var.num_classes:
+            raise ValueError(f"class_names: {len(self.class_names)} names for {self.var.num_classes} classes")
+
+    def class_name(self, label: int) -> str | None:
+        return None if self.class_names is None else self.class_names[label]
 
     def to_dict(self) -> dict:
         return asdict(self)

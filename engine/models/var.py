@@ -58,11 +58,11 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(width))
         self.proj = nn.Linear(width, width)
         if l2_norm:
-            self.scale = 1.0
+            self.softmax_scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
             self.max_scale_mul = math.log(100.0)
         else:
-            self.scale = 0.25 / math.sqrt(self.head_dim)
+            self.softmax_scale = 0.25 / math.sqrt(self.head_dim)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, L, C] -> q, k, v each [B, H, L, head_dim]; q/k normalised and q pre-scaled."""
@@ -83,7 +83,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x)
         if attend is None:
             mask = None if attn_bias is None else attn_bias.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         else:
             out = attend(self.layer, q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -261,7 +261,7 @@ class VAR(nn.Module):
         ends = list(itertools.accumulate(self.cfg.scale_lengths()[:num_scales]))
         split = ends[max(0, len(ends) - 1 - unmasked_scales)]
         bias = self.attn_bias_for_masking[:, :, :split, :split]
-        scales = [block.attn.scale for block in self.blocks]
+        scales = [block.attn.softmax_scale for block in self.blocks]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             s = scales[layer]

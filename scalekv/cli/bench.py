@@ -1,14 +1,15 @@
-"""``scalekv bench load``: the load-test command line (the harness is ``benchmarks/load.py``).
-
-``engine/cli.py`` calls ``register(sub)``; it reuses the ``bench`` parser that another module
-(``memory/cli.py``: ``bench fidelity``) may already have created, or creates it.
-"""
+"""``scalekv bench fidelity`` and ``scalekv bench load`` (the harnesses are in ``benchmarks/``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+
+from . import args as shared
+
+DEFAULT_FIDELITY_POLICIES = "full,scalekv,snapkv,pyramidkv,sliding,streaming,h2o"
 
 LOAD_HELP = """Load-test KV policies side by side on one request stream.
 
@@ -23,8 +24,8 @@ the run, or a running cluster (--address; its own pool and engine knobs apply).
 
 Reports images/s, latency p50/p90/p99 (end to end and time to first scale), requests running
 (peak, mean), peak KV bytes (the pool's high-water mark), pool usage over time, preemptions,
-errors, and ratios to `full` (or the first policy). --json writes everything, --plot DIR the
-figures (pool usage over time, latency CDF, throughput vs request rate for a sweep).
+errors, and ratios to `full` (or the first policy). --report FILE writes everything (JSON),
+--plot DIR the figures (pool usage over time, latency CDF, throughput vs request rate for a sweep).
 
 example:
   scalekv bench load --model var-tiny --random-init --num-requests 24 --max-concurrency 16 \\
@@ -57,65 +58,112 @@ def _positive_float(text: str) -> float:
 
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench load`` to the ``scalekv`` parser (reusing an existing ``bench`` parser)."""
-    from engine.api import EngineConfig
-    from scalekv.cli import _add_model_args, bench_subcommands
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
-    bsub = bench_subcommands(sub)
-    p = bsub.add_parser("load", help="load test: policies side by side on one request stream (throughput, "
-                                     "latency, KV memory, concurrency)",
-                        description=LOAD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        conflict_handler="resolve")
-    _add_model_args(p)
+
+def _policy_names(text: str) -> list[str]:
+    from memory.policy_names import POLICIES
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown policies {bad} (available: {', '.join(POLICIES)})")
+    return names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = shared.add_parser(sub, "bench", "benchmarks: KV policy fidelity, load tests")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+
+    f = shared.add_parser(bsub, "fidelity", "fidelity of KV policies vs the full cache (PSNR, SSIM, tokens, memory)")
+    shared.add_model_args(f)
+    f.add_argument("--policies", type=_policy_names, default=DEFAULT_FIDELITY_POLICIES,
+                   help="comma-separated policies")
+    f.add_argument("--budgets", type=_floats, default="0.1", help="kv budgets to sweep, e.g. 0.04,0.1,0.2")
+    f.add_argument("--num", type=int, default=8, help="requests (request i: class i mod classes, seed S+i)")
+    f.add_argument("--seed", type=int, default=0, help="seed S of the first request")
+    f.add_argument("--plot", default=None, help="folder for the grid PNGs and the budget sweep plot")
+    f.add_argument("--report", default=None, help="write the full report (JSON) to this file")
+    shared.add_json(f, "the report")
+    shared.add_threads(f)
+    shared.add_engine_args(f, skip=("policy", "kv_budget", "max_running", "max_batch_tokens",
+                                    "gpu_memory_utilization", "attention_backend"))
+    f.set_defaults(func=cmd_fidelity)
+
+    p = shared.add_parser(bsub, "load", "load test: policies side by side on one request stream (throughput, "
+                                        "latency, KV memory, concurrency)", description=LOAD_HELP)
+    shared.add_model_args(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--address", default=None,
-                       help="run against a running cluster: 'auto', HOST:PORT, or 'state' (the one "
+                       help="run against a running cluster: HOST:PORT, or 'state' (the one "
                             "`scalekv cluster start` recorded)")
     where.add_argument("--cluster-workers", type=int, default=None,
                        help="start a local Ray cluster with N workers for the run (default: in-process engine)")
     p.add_argument("--cluster-name", default=None, help="scheduler name on the cluster (default: scalekv's)")
     a = p.add_argument_group("load")
-    a.add_argument("--num-requests", type=int, default=32, help="requests per run (default 32)")
+    a.add_argument("--num-requests", type=int, default=32, help="requests per run")
     a.add_argument("--request-rate", type=_rate, default=math.inf,
-                   help="arrivals per second, Poisson/gamma (default inf: all at once)")
+                   help="arrivals per second, Poisson/gamma (inf: all at once)")
     a.add_argument("--request-rates", type=_rates, default=None,
                    help="a sweep of rates, e.g. 0.5,1,2,inf (wins over --request-rate)")
     a.add_argument("--burstiness", type=_positive_float, default=1.0,
-                   help="gamma shape of the gaps: 1 Poisson, <1 burstier, >1 smoother (default 1)")
+                   help="gamma shape of the gaps: 1 Poisson, <1 burstier, >1 smoother")
     a.add_argument("--normalize-arrivals", action="store_true",
                    help="rescale the gaps so the last request arrives at exactly N/R seconds")
     a.add_argument("--max-concurrency", type=int, default=None, help="at most C requests in flight (client side)")
     a.add_argument("--seed", type=int, default=0, help="seed of the stream: classes, image seeds, arrivals")
     a.add_argument("--warmup", type=int, default=1,
-                   help="requests run before each measured run (per worker on a cluster; default 1)")
+                   help="requests run before each measured run (per worker on a cluster)")
     a.add_argument("--max-duration", type=_positive_float, default=None,
                    help="abort a run after this many seconds (its unfinished requests count as errors)")
     a.add_argument("--sample-interval", type=_positive_float, default=0.05,
-                   help="cluster: seconds between pool samples (default 0.05)")
-    e = p.add_argument_group("engine (local engine and --cluster-workers)")
-    EngineConfig.add_cli_args(e)
-    # --policy is repeatable here (replaces the engine's single --policy; conflict_handler='resolve')
+                   help="cluster: seconds between pool samples")
+    e = p.add_argument_group("policies")
     e.add_argument("--policy", dest="policies", action="append", default=None, metavar="NAME[@BUDGET]",
-                   help="KV policy to run, repeatable (e.g. --policy full --policy scalekv@0.1; default full)")
-    e.add_argument("--kv-budget", type=float, default=0.1,
-                   help="kept fraction for compressing policies given without @BUDGET (default 0.1)")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
+                   help="KV policy to run, repeatable (e.g. --policy full --policy scalekv@0.1; default full); "
+                        "without @BUDGET the budget is --kv-budget")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the model runs (auto: cuda when available; the pool then defaults to "
                         "--gpu-memory-utilization of free memory unless --kv-pool-bytes is given)")
+    shared.add_threads(p)
+    shared.add_engine_args(p, skip=("policy",))
     o = p.add_argument_group("output")
-    o.add_argument("--json", dest="json_out", default=None, help="write the full report (JSON) here")
+    o.add_argument("--report", default=None, help="write the full report (JSON) to this file")
+    shared.add_json(o, "the report")
     o.add_argument("--plot", default=None, help="folder for the PNG plots")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_load)
 
 
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from benchmarks.fidelity import FidelityConfig, format_table, run_fidelity, write_outputs
+    from engine.config import EngineConfig
+    from engine.models.registry import build_model
+
+    ecfg = EngineConfig.from_values({**vars(args), "kv_pool_bytes": args.kv_pool_bytes or 128 << 20})
+    shared.set_threads(args.threads)
+    model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
+    cfg = FidelityConfig(policies=args.policies, budgets=args.budgets, num=args.num, seed=args.seed,
+                         dtype=ecfg.dtype, block_size=ecfg.block_size, kv_pool_bytes=ecfg.kv_pool_bytes,
+                         profile_path=ecfg.profile_path, window_size=ecfg.window_size, pool_kernel=ecfg.pool_kernel,
+                         pooling=ecfg.pooling, budget_delta=ecfg.budget_delta)
+    report, images = run_fidelity(model, cfg, progress=sys.stderr.isatty() and not args.json)
+    write_outputs(report, images, cfg, args.report, args.plot)
+    print(json.dumps(report, default=str) if args.json else format_table(report))
+    return 0
+
+
 def load_config(args: argparse.Namespace):
     from benchmarks.load import LoadConfig, parse_policy
+    from engine.config import EngineConfig
 
-    specs = [parse_policy(t, args.kv_budget) for t in (args.policies or ["full"])]
+    default_budget = EngineConfig.from_values(vars(args)).kv_budget if args.kv_budget is None else args.kv_budget
+    specs = [parse_policy(t, default_budget) for t in (args.policies or ["full"])]
     return LoadConfig(policies=specs, num_requests=args.num_requests,
                       request_rates=args.request_rates or [args.request_rate], burstiness=args.burstiness,
                       max_concurrency=args.max_concurrency, seed=args.seed,
@@ -125,16 +173,13 @@ def load_config(args: argparse.Namespace):
 
 def engine_config(args: argparse.Namespace):
     """The engine knobs (flags > SCALEKV_* environment > defaults); policy and budget are per run."""
-    from engine.api import EngineConfig
+    from engine.config import EngineConfig
 
-    ns = argparse.Namespace(**vars(args))
-    ns.policy, ns.kv_budget = None, None
-    return EngineConfig.from_args(ns)
+    return EngineConfig.from_values({**vars(args), "policy": None, "kv_budget": None})
 
 
 def cmd_load(args: argparse.Namespace) -> int:
     from benchmarks.load import LocalTarget, format_table, run_load, write_outputs
-    from scalekv.cli import _set_threads
 
     try:
         cfg = load_config(args)
@@ -143,7 +188,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(f"scalekv bench load: error: {e}", file=sys.stderr)
         return 2
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    _set_threads(args.threads)
+    shared.set_threads(args.threads)
     if args.address is None and args.cluster_workers is None:
         from engine.models.registry import build_model
 
@@ -154,8 +199,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         report = _run_on_cluster(args, cfg, ecfg, progress)
         if report is None:
             return 2
-    written = write_outputs(report, args.json_out, args.plot)
-    print(format_table(report), flush=True)
+    written = write_outputs(report, args.report, args.plot)
+    print(json.dumps(report, default=str) if args.json else format_table(report), flush=True)
     for w in written:
         print(f"wrote {w}", file=sys.stderr)
     return 1 if any(r["summary"]["errors"] for r in report["runs"]) else 0

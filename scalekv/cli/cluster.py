@@ -1,7 +1,7 @@
 """``scalekv cluster start|stop``, ``scalekv submit`` and ``scalekv status``.
 
-``engine/cli.py`` calls ``register(sub)``; everything cluster-related on the command line lives
-here. Imports of Ray and torch stay inside the commands so ``scalekv --help`` stays fast.
+Everything cluster-related on the command line lives here. Imports of Ray and torch stay
+inside the commands so ``scalekv --help`` stays fast.
 
 Cluster lifetime. ``cluster start --address auto|HOST:PORT`` puts a detached scheduler (and its
 workers) on a Ray cluster someone started (``ray start --head``) and exits; it runs until
@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import args as shared
+
 SUBMIT_HELP = """Run a job file on the cluster and stream the results.
 
 A job file is JSONL (one JSON object a line) or msgpack (a stream of maps, or one array of
@@ -43,63 +45,52 @@ bytes). Exit code 0: all images; 1: some requests failed; 2: the job could not r
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``cluster``, ``submit`` and ``status`` to the ``scalekv`` parser."""
-    from engine.api import EngineConfig
-    from engine.models.registry import DEFAULT_MODEL, MODELS
-    from scheduler.config import DEFAULT_NAME
-
-    c = sub.add_parser("cluster", help="start or stop a scalekv cluster (Ray scheduler + workers)")
+    c = shared.add_parser(sub, "cluster", "start or stop a scalekv cluster (Ray scheduler + workers)")
     csub = c.add_subparsers(dest="cluster_command", required=True)
 
-    s = csub.add_parser("start", help="start the scheduler and workers on Ray",
-                        description="Start the scheduler and its workers. With --address, on that Ray cluster; "
-                                    "without, on a local Ray instance kept alive by a background process.")
+    s = shared.add_parser(csub, "start", "start the scheduler and workers on Ray",
+                          description="Start the scheduler and its workers. With --address, on that Ray cluster; "
+                                      "without, on a local Ray instance kept alive by a background process.")
     s.add_argument("--address", default=None,
                    help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray instance)")
+    from scheduler.config import DEFAULT_NAME
+
+    s.add_argument("--name", default=DEFAULT_NAME, help="scheduler actor name")
     s.add_argument("--workers", type=int, default=None,
                    help="worker actors (default: one per GPU, or 1 without GPUs); CPU workers share the cores")
     s.add_argument("--num-cpus", type=int, default=None, help="local Ray only: CPUs it may use (default: all)")
     s.add_argument("--num-gpus", type=int, default=None, help="local Ray only: GPUs it may use (default: all)")
-    s.add_argument("--name", default=DEFAULT_NAME, help="scheduler actor name")
-    s.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="named model config")
-    s.add_argument("--checkpoint", default=None, help="transformer weights (file or directory)")
-    s.add_argument("--tokenizer", default=None, help="tokenizer weights (with a transformer --checkpoint file)")
-    s.add_argument("--random-init", action="store_true", help="allow random weights (tests, shape benchmarks)")
-    s.add_argument("--threads", type=int, default=None, help="torch threads per CPU worker (default: its share)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    EngineConfig.add_cli_args(s)
-    if not any("--dtype" in a.option_strings for a in s._actions):  # unless the engine's knobs grow one
-        s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
-                       help="compute dtype (default auto: bf16 where the hardware runs it natively)")
+    shared.add_model_args(s)
+    shared.add_threads(s, "torch threads per CPU worker (default: its share of the cores)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the workers run")
     s.add_argument("--cpus-per-worker", type=float, default=None,
                    help="Ray CPUs each CPU worker reserves (default: its share of the cluster's CPUs)")
     s.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a dead worker (-1: unlimited)")
     s.add_argument("--max-attempts", type=int, default=3, help="tries of a request whose worker keeps dying")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the workers to come up")
-    s.add_argument("--json", action="store_true", help="print the cluster status as JSON")
+    shared.add_json(s, "the cluster status")
+    shared.add_engine_args(s)
     s.set_defaults(func=cmd_cluster_start)
 
-    st = csub.add_parser("stop", help="stop the scheduler and workers (and a local Ray instance started by start)")
-    st.add_argument("--address", default=None, help="Ray cluster (default: the one `cluster start` recorded)")
-    st.add_argument("--name", default=DEFAULT_NAME)
+    st = shared.add_parser(csub, "stop", "stop the scheduler and workers (and a local Ray instance started by start)")
+    shared.add_cluster_target(st)
     st.set_defaults(func=cmd_cluster_stop)
 
-    j = sub.add_parser("submit", help="run a job file on the cluster: PNGs + results.jsonl",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, description=SUBMIT_HELP)
+    j = shared.add_parser(sub, "submit", "run a job file on the cluster: PNGs + results.jsonl",
+                          description=SUBMIT_HELP)
     j.add_argument("jobs", help="job file: JSONL or msgpack, one request record each")
     j.add_argument("--out", required=True, help="output directory (results.jsonl is rewritten)")
-    j.add_argument("--address", default=None, help="Ray cluster (default: the one `cluster start` recorded)")
-    j.add_argument("--name", default=DEFAULT_NAME, help="scheduler actor name")
+    shared.add_cluster_target(j)
     j.add_argument("--format", default=None, choices=["jsonl", "msgpack"], help="default: by suffix, else sniffed")
-    j.add_argument("--job-id", default=None)
+    j.add_argument("--job-id", default=None, help="name the job (default: a random id)")
     j.add_argument("--msgpack", action="store_true", help="also write results.msgpack (PNG bytes + stats)")
-    j.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    j.add_argument("--json", action="store_true", help="print one JSON record per result on stdout")
+    j.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: never)")
+    shared.add_json(j, "one result record per request")
     j.set_defaults(func=cmd_submit)
 
-    t = sub.add_parser("status", help="workers, pool usage, queue depth, running requests, memory")
-    t.add_argument("--address", default=None, help="Ray cluster (default: the one `cluster start` recorded)")
-    t.add_argument("--name", default=DEFAULT_NAME)
-    t.add_argument("--json", action="store_true")
+    t = shared.add_parser(sub, "status", "workers, pool usage, queue depth, running requests, memory")
+    shared.add_cluster_target(t)
+    shared.add_json(t, "the full status")
     t.set_defaults(func=cmd_status)
 
 
@@ -110,7 +101,7 @@ def _fail(msg: str) -> int:
 
 # ----- cluster start / stop ----------------------------------------------------------------
 def _scheduler_config(args: argparse.Namespace):
-    from engine.api import EngineConfig
+    from engine.config import EngineConfig
     from engine.models.registry import default_checkpoint_dir, get_spec
     from scheduler.config import SchedulerConfig
     from workers.config import WorkerConfig

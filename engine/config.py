@@ -1,0 +1,131 @@
+"""``EngineConfig``: every memory and throughput knob of the engine, in one typed dataclass.
+
+Each field is also a command-line flag (``--kv-pool-bytes``; the CLI generates the flags from
+these fields and their ``help`` metadata, so a knob is declared once) and an environment
+override (``SCALEKV_KV_POOL_BYTES``). Flags win over the environment, which wins over the
+defaults. This module does not import torch: the CLI builds its parser from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from memory.policy_names import POLICIES
+
+DTYPES = ("auto", "float32", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "torch", "xformers")
+DEFAULT_CPU_POOL_BYTES = 1 << 30
+
+
+def _knob(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class EngineConfig:
+    """Memory and throughput knobs (see the module docstring for flags and environment)."""
+
+    block_size: int = _knob(16, "tokens per KV page")
+    kv_pool_bytes: int | None = _knob(None, "KV pool size, e.g. 512MiB (default: 1 GiB on CPU; on CUDA from "
+                                            "gpu_memory_utilization)", parse="bytes")
+    gpu_memory_utilization: float = _knob(0.9, "CUDA: fraction of free GPU memory given to the pool")
+    max_batch_tokens: int = _knob(16384, "tokens advanced per step, both CFG branches counted")
+    max_running: int = _knob(64, "requests admitted at once")
+    policy: str = _knob("full", "KV policy of requests that name none", choices=POLICIES)
+    kv_budget: float = _knob(1.0, "kept fraction of the KV cache for compressing policies (0.1 = 10%%)")
+    dtype: str = _knob("auto", "compute and K/V dtype: auto is bf16 on CUDA and on CPUs with native bf16, "
+                               "float32 elsewhere (AVX2 bf16 matmuls are 20-70x slower)", choices=DTYPES)
+    attention_backend: str = _knob("auto", "paged attention backend", choices=ATTENTION_BACKENDS)
+    profile_path: str | None = _knob(None, "scale profile JSON for scalekv (default: the model's shipped one)")
+    window_size: int = _knob(16, "observation window of queries (scalekv: a perfect square, grid centres)")
+    pool_kernel: int = _knob(5, "1-D smoothing kernel of the window scores (odd)")
+    pooling: str = _knob("max", "smoothing of the window scores", choices=("max", "avg"))
+    budget_delta: float | None = _knob(None, "scalekv: the refiner budget decays by this many tokens per "
+                                             "compressed scale (default: drafters keep all)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget_delta, str):  # from the environment
+            self.budget_delta = None if self.budget_delta.lower() in ("", "none") else float(self.budget_delta)
+        if self.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
+        if self.kv_pool_bytes is not None and self.kv_pool_bytes <= 0:
+            raise ValueError(f"kv_pool_bytes: must be > 0, got {self.kv_pool_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens: must be >= 1, got {self.max_batch_tokens}")
+        if self.max_running < 1:
+            raise ValueError(f"max_running: must be >= 1, got {self.max_running}")
+        if not 0 < self.kv_budget <= 1:
+            raise ValueError(f"kv_budget: must be a fraction in (0, 1], got {self.kv_budget}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend: expected one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: unknown policy {self.policy!r} (available: {', '.join(POLICIES)})")
+        if self.window_size < 1 or math.isqrt(self.window_size) ** 2 != self.window_size:
+            raise ValueError(f"window_size: must be a perfect square >= 1 (grid window), got {self.window_size}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel: must be an odd number >= 1, got {self.pool_kernel}")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling: expected 'max' or 'avg', got {self.pooling!r}")
+        if self.budget_delta is not None and self.budget_delta < 0:
+            raise ValueError(f"budget_delta: must be >= 0, got {self.budget_delta}")
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], environ: dict[str, str] | None = None) -> EngineConfig:
+        """Values given (None = not given) over ``SCALEKV_<FIELD>`` environment overrides over
+        the defaults. Unknown keys are ignored, so an argparse namespace's ``vars()`` works."""
+        environ = os.environ if environ is None else environ
+        out = {}
+        for f in fields(cls):
+            env = environ.get(f"SCALEKV_{f.name.upper()}")
+            if env is not None:
+                out[f.name] = _env_value(f, env)
+            v = values.get(f.name)
+            if v is not None:
+                out[f.name] = v
+        return cls(**out)
+
+    @classmethod
+    def from_args(cls, args: Any) -> EngineConfig:
+        return cls.from_values(vars(args))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _env_value(f: Any, text: str) -> Any:
+    """Convert a SCALEKV_<FIELD> environment value to the field's type, naming the field on error."""
+    type_text = str(f.type)
+    try:
+        if f.metadata.get("parse") == "bytes":
+            return parse_bytes(text, f.name)
+        if "float" in type_text:
+            return float(text)
+        if "int" in type_text:
+            return int(text)
+    except ValueError:
+        raise ValueError(f"{f.name}: cannot parse SCALEKV_{f.name.upper()}={text!r} as {type_text}") from None
+    return text
+
+
+def parse_bytes(text: str | int, name: str = "kv_pool_bytes") -> int:
+    """'512MiB', '2GB', '1e9' or a plain integer -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    try:
+        for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+            if s.endswith(unit):
+                return int(float(s[: -len(unit)]) * mult)
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"{name}: cannot parse {text!r} as a size (try 512MiB)") from None

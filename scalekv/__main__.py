@@ -1,0 +1,5 @@
+import sys
+
+from scalekv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""Flags shared by several ``scalekv`` commands, each declared once with one default.
+
+Every command's parser uses ``Formatter``, which shows the default of every flag in ``--help``.
+``--json`` means the same everywhere: print machine-readable JSON on stdout instead of text
+(files are written with ``--out`` / ``--report``). Nothing here imports torch, so quick
+commands (``--help``, ``status``, ``cluster stop``, argument errors) stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from engine.config import DTYPES, EngineConfig, parse_bytes
+from engine.models.catalog import DEFAULT_MODEL, MODELS
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every flag's help ends with its default (unless it is unset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=kw.pop("description", help), formatter_class=Formatter, **kw)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which model and weights: ``--model``, ``--checkpoint``, ``--tokenizer``, ``--random-init``."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="named model config")
+    g.add_argument("--checkpoint", default=None,
+                   help="transformer weights (.safetensors or official .pth), or a directory holding "
+                        "transformer.safetensors + tokenizer.safetensors; default: the shipped weights")
+    g.add_argument("--tokenizer", default=None, help="tokenizer weights (with a transformer --checkpoint file)")
+    g.add_argument("--random-init", action="store_true",
+                   help="allow random weights when no checkpoint is given (tests, benchmarks of shapes)")
+
+
+def add_threads(p: argparse.ArgumentParser, help: str = "torch CPU threads (default: all cores)") -> None:
+    p.add_argument("--threads", type=int, default=None, help=help)
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    f = next(f for f in dataclasses.fields(EngineConfig) if f.name == "dtype")
+    p.add_argument("--dtype", default=f.default, choices=list(DTYPES), help=f.metadata["help"])
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "results") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout instead of text")
+
+
+def add_engine_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ``EngineConfig`` field (``--kv-pool-bytes`` ...). Defaults are left unset
+    (None) so ``EngineConfig.from_values`` can tell a flag from the environment; ``--help``
+    shows the field's default."""
+    g = p.add_argument_group("engine (also SCALEKV_<FIELD> environment variables)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in skip:
+            continue
+        if f.name == "dtype":
+            add_dtype(g)
+            continue
+        kind = str(f.type)
+        typ = (lambda s, n=f.name: parse_bytes(s, n)) if f.metadata.get("parse") == "bytes" else \
+            float if "float" in kind else int if "int" in kind else str
+        shown = "" if f.default is None else f" (default: {f.default})"
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=None, choices=f.metadata.get("choices"),
+                       help=f.metadata["help"] + shown)
+
+
+def add_cluster_target(p: argparse.ArgumentParser) -> None:
+    """Which cluster: ``--address`` and ``--name`` (the scheduler)."""
+    from scheduler.config import DEFAULT_NAME
+
+    p.add_argument("--address", default=None, help="Ray cluster (default: the one `cluster start` recorded)")
+    p.add_argument("--name", default=DEFAULT_NAME, help="scheduler actor name")
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def class_label(text: str) -> int | str:
+    """``--class 3`` or ``--class ring-striped`` (resolved against the model later)."""
+    return int(text) if text.lstrip("-").isdigit() else text

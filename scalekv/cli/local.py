@@ -1,0 +1,135 @@
+"""``scalekv generate`` (the in-process engine) and ``scalekv models`` (what can be served)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import args as shared
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = shared.add_parser(sub, "generate", "generate images locally (in-process engine)")
+    shared.add_model_args(g)
+    g.add_argument("--class", dest="class_labels", type=shared.class_label, action="append", default=None,
+                   metavar="CLASS", help="class index or name, e.g. 3 or ring-striped (repeatable; default: 0)")
+    g.add_argument("--list-classes", action="store_true", help="print the model's classes and exit")
+    g.add_argument("--num", type=int, default=1, help="images per class (image i uses seed S+i)")
+    g.add_argument("--seed", type=int, default=0, help="seed S of the first image of each class")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k filter, 0 disables (default: the model's)")
+    g.add_argument("--top-p", type=float, default=None, help="top-p filter, 0 disables (default: the model's)")
+    g.add_argument("--out", default="out", help="output directory for PNGs and results.jsonl")
+    shared.add_json(g, "one result record per image")
+    g.add_argument("--reference", action="store_true", help="use the naive reference loop instead of the engine")
+    g.add_argument("--batch-size", type=int, default=16, help="requests per batch of the reference loop")
+    shared.add_threads(g)
+    shared.add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    m = shared.add_parser(sub, "models", "list the named models, their shipped weights and classes")
+    shared.add_json(m, "the model table")
+    m.set_defaults(func=cmd_models)
+
+
+def write_results(results, out: Path, echo_json: bool) -> int:
+    """One PNG per image + one ``results.jsonl`` record per result (``ImageResult.to_record``,
+    the schema ``scalekv submit`` writes too); returns the number of failed requests."""
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with (out / "results.jsonl").open("a") as f:
+        for r in results:
+            name = None
+            if r.ok:
+                name = f"{r.request_id}.png"
+                (out / name).write_bytes(r.png_bytes())
+            else:
+                failed += 1
+            rec = r.to_record(png=name)
+            f.write(json.dumps(rec) + "\n")
+            if echo_json:
+                print(json.dumps(rec), flush=True)
+    return failed
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.api import EngineConfig, ImageEngine
+    from engine.models.catalog import get_spec
+    from engine.models.registry import build_model
+    from engine.reference import generate_reference
+    from engine.request import ImageRequest, resolve_class
+
+    spec = get_spec(args.model)
+    if args.list_classes:
+        return _print_classes(spec, args.json)
+    try:
+        labels = [resolve_class(c, spec.class_names, spec.var.num_classes) for c in args.class_labels or [0]]
+    except ValueError as e:
+        raise ValueError(f"--class: {e}") from None
+    requests = [ImageRequest(class_label=c, seed=args.seed + i, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                             request_id=f"c{c}-s{args.seed + i}")
+                for c in labels for i in range(args.num)]
+    config = EngineConfig.from_args(args)  # bad knobs fail here, before the model loads
+    shared.set_threads(args.threads)
+    model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").write_text("")
+    t0 = time.perf_counter()
+    failed = 0
+    bar = tqdm(total=len(requests), desc="generate", unit="img", disable=args.json)
+    if args.reference:
+        resolved = [r.resolved(spec.default_cfg, spec.default_top_k, spec.default_top_p) for r in requests]
+        for i in range(0, len(resolved), args.batch_size):
+            chunk = resolved[i : i + args.batch_size]
+            failed += write_results(generate_reference(model, chunk, dtype=config.dtype), out, args.json)
+            bar.update(len(chunk))
+    else:
+        engine = ImageEngine(model, config)
+        for result in engine.generate_stream(requests):
+            failed += write_results([result], out, args.json)
+            bar.update(1)
+    bar.close()
+    dt = time.perf_counter() - t0
+    if not args.json:
+        print(f"{len(requests) - failed} image(s) in {dt:.2f}s ({len(requests) / dt:.2f} img/s) -> {out}/",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print_classes(spec, as_json: bool) -> int:
+    names = spec.class_names or [str(i) for i in range(spec.var.num_classes)]
+    if as_json:
+        print(json.dumps({"model": spec.name, "classes": list(names)}))
+    else:
+        for i, n in enumerate(names):
+            print(f"{i:>4}  {n}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine.models.catalog import MODELS
+    from engine.models.registry import default_checkpoint_dir
+
+    rows = []
+    for name, spec in MODELS.items():
+        v = spec.var
+        rows.append({"model": name, "depth": v.depth, "width": v.width, "heads": v.num_heads,
+                     "image_size": spec.vae.image_size, "tokens": v.seq_len, "scales": v.num_scales,
+                     "classes": v.num_classes, "class_names": list(spec.class_names or []),
+                     "shipped_weights": default_checkpoint_dir(spec) is not None, "notes": spec.notes})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'model':<10} {'depth':>5} {'width':>5} {'px':>4} {'tokens':>6} {'classes':>7} {'weights':<8} notes")
+    for r in rows:
+        print(f"{r['model']:<10} {r['depth']:>5} {r['width']:>5} {r['image_size']:>4} {r['tokens']:>6} "
+              f"{r['classes']:>7} {'shipped' if r['shipped_weights'] else '-':<8} {r['notes']}")
+        if r["class_names"]:
+            print(f"{'':<10} classes: {', '.join(f'{i} {n}' for i, n in enumerate(r['class_names']))}")
+    return 0
