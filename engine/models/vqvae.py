@@ -29,8 +29,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # SiLU runs in place on the GroupNorm outputs: fresh temporaries that nothing else reads
+        # (GroupNorm's backward needs its input, not its output), never on x, the residual input.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -112,7 +114,7 @@ class Encoder(nn.Module):
         if hasattr(self.mid, "attn_1"):
             h = self.mid.attn_1(h)
         h = self.mid.block_2(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))  # fresh temporary
 
 
 class Decoder(nn.Module):
@@ -156,7 +158,7 @@ class Decoder(nn.Module):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))  # fresh temporary
 
 
 class Phi(nn.Conv2d):
