@@ -251,3 +251,50 @@ def test_in_place_silu_leaves_training_gradients_unchanged(monkeypatch):
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
+def _official_phi_choice(share_quant_resi: int, num_scales: int) -> list[int]:
+    """Official VAR (models/quant.py), written out independently: share 0 = PhiNonShared with one
+    phi per scale, 1 = PhiShared, else PhiPartiallyShared; the latter two index by the tick
+    nearest si / (SN - 1), ticks at 1/(3K) .. 1 - 1/(3K) only for K == 4, else 1/(2K) .. 1 - 1/(2K)."""
+    import numpy as np
+
+    if share_quant_resi == 1:
+        return [0] * num_scales
+    k = num_scales if share_quant_resi == 0 else share_quant_resi
+    margin = 1 / (3 * k) if k == 4 else 1 / (2 * k)
+    ticks = np.linspace(margin, 1 - margin, k)
+    picks = []
+    for si in range(num_scales):
+        at = si / (num_scales - 1) if num_scales > 1 else 0.0  # upstream divides by zero at SN == 1
+        d = np.abs(ticks - np.float64(at))
+        picks.append(int(np.flatnonzero(d == d.min())[0]))  # first of the nearest (argmin's tie rule)
+    return picks
+
+
+@pytest.mark.parametrize("share", range(0, 9))
+def test_phi_mapping_matches_the_official_rule(share):
+    from engine.models.vqvae import PhiSet
+
+    for num_scales in range(1, 16):
+        with torch.device("meta"):
+            phis = PhiSet(4, 0.5, share, num_scales)
+        assert len(phis.qresi_ls) == (num_scales if share == 0 else share)
+        assert phis.scale_to_phi == _official_phi_choice(share, num_scales), (share, num_scales)
+        if share == 0:
+            assert phis.scale_to_phi == list(range(num_scales))
+
+
+def test_phi_mapping_hand_checked_cases_and_shipped_layout_unchanged():
+    from engine.models.vqvae import PhiSet, phi_index_per_scale
+
+    # The shipped configs (4 phis, 10 scales) keep the mapping the weights were trained with.
+    assert phi_index_per_scale(4, 10) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert PhiSet(4, 0.5, 4, 10).scale_to_phi == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert PhiSet(4, 0.5, 4, 4).scale_to_phi == [0, 1, 2, 3]  # var-micro
+    # 2 phis at ticks 1/4, 3/4: scale 1 of 3 sits exactly between them and takes the first.
+    assert phi_index_per_scale(2, 3) == [0, 0, 1]
+    # 3 phis at 1/6, 1/2, 5/6 over 5 scales at 0, 1/4, 1/2, 3/4, 1.
+    assert phi_index_per_scale(3, 5) == [0, 0, 1, 2, 2]
+    sd = PhiSet(8, 0.5, 6, 10).state_dict()
+    assert sorted(sd) == sorted(f"qresi_ls.{i}.{p}" for i in range(6) for p in ("weight", "bias"))
