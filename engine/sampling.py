@@ -43,13 +43,35 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def pick_from_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF lookup: the token of each row of ``cdf`` [N, V] (non-decreasing cumulative
+    probabilities) for the point ``u`` [N] or [N, 1] in [0, cdf[:, -1]]; returns [N] indices.
+
+    The pick is the first token whose cdf *exceeds* u (a right-sided search), so token i owns
+    the half-open interval [cdf[i-1], cdf[i]) and a token of probability 0 (filtered out: its
+    interval is empty) is never picked, not even for u == 0, where a left-sided search
+    (first cdf >= u) would return a filtered token 0 with cdf[0] == 0. For every u > 0 that is
+    not exactly equal to some cdf[i] both searches give the same token; on such an exact tie
+    u == cdf[i] the right search gives the next token of positive probability instead of
+    token i (the tie point belongs to the interval above it). The only u no cdf entry exceeds
+    is u == cdf[:, -1], which ``rand * total`` can reach by rounding; there the pick falls back
+    to the first token whose cdf reaches u (the token where the cdf reaches its total, so of
+    positive probability), which is also what the left-sided search gives.
+    """
+    u = u.reshape(-1, 1).to(cdf.dtype)
+    v = cdf.shape[-1]
+    right = torch.searchsorted(cdf, u, right=True)
+    left = torch.searchsorted(cdf, u).clamp_max(v - 1)
+    return torch.where(right < v, right, left).squeeze(-1)
+
+
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Inverse-CDF sampling of one token per row of ``logits`` [N, V] with one uniform per row."""
+    """Inverse-CDF sampling of one token per row of ``logits`` [N, V] with one uniform per row
+    (see ``pick_from_cdf``: tokens filtered to -inf are never drawn)."""
     probs = logits.float().softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     u = torch.rand(logits.shape[0], 1, generator=generator, device="cpu").to(cdf.device) * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, u).clamp_max(logits.shape[-1] - 1)
-    return idx.squeeze(-1)
+    return pick_from_cdf(cdf, u)
 
 
 def sample_scale(

@@ -181,3 +181,120 @@ def test_vq_training_forward_gradients_flow():
     (F.mse_loss(rec, x) + vq_loss).backward()
     assert vae.encoder.conv_in.weight.grad.abs().sum() > 0  # straight-through reaches the encoder
     assert vae.quantize.embedding.weight.grad.abs().sum() > 0
+
+
+class _OutOfPlaceSiLU:
+    """Stands in for ``torch.nn.functional`` inside vqvae: every SiLU out of place (the reference),
+    and counts how many were asked to run in place."""
+
+    def __init__(self) -> None:
+        self.inplace_requests = 0
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    def silu(self, x, inplace=False):
+        self.inplace_requests += bool(inplace)
+        return F.silu(x)
+
+
+def _decode_with_out_of_place_silu(vae, f_hat, monkeypatch):
+    import engine.models.vqvae as vqvae_module
+
+    shim = _OutOfPlaceSiLU()
+    with monkeypatch.context() as m:
+        m.setattr(vqvae_module, "F", shim)
+        out = vae.fhat_to_img(f_hat)
+    return out, shim.inplace_requests
+
+
+@pytest.mark.parametrize("which", ["var-micro", "var-tiny"])
+def test_in_place_silu_decodes_bit_identically(micro_model, which, monkeypatch):
+    """The decoder's in-place SiLU only overwrites fresh GroupNorm outputs: the image equals
+    (torch.equal) a decode with every SiLU out of place, and the input f_hat is untouched."""
+    from engine.models.registry import build_model
+
+    vae = micro_model.vae if which == "var-micro" else build_model("var-tiny").vae
+    full = vae.cfg.patch_nums[-1]
+    f_hat = torch.randn(2, vae.cfg.z_channels, full, full, generator=torch.Generator().manual_seed(7)) * 2
+    f_copy = f_hat.clone()
+    with torch.no_grad():
+        expected, inplace_requests = _decode_with_out_of_place_silu(vae, f_hat, monkeypatch)
+        got = vae.fhat_to_img(f_hat)
+    assert inplace_requests > 0  # the shipped code does ask for in-place SiLU
+    assert torch.equal(f_hat, f_copy)
+    assert got.std() > 0.01 and got.shape == (2, 3, vae.cfg.image_size, vae.cfg.image_size)
+    assert torch.equal(got, expected)
+    with torch.inference_mode():
+        assert torch.equal(vae.fhat_to_img(f_hat), expected)
+
+
+def test_in_place_silu_leaves_training_gradients_unchanged(monkeypatch):
+    """Autograd through the in-place SiLU (encoder and decoder) gives the same loss and grads."""
+    import engine.models.vqvae as vqvae_module
+
+    vae = VQVAE(get_spec("var-micro").vae)
+    perturb_(vae, 0.01)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+    def loss_and_grads():
+        vae.zero_grad(set_to_none=True)
+        rec, vq_loss, _ = vae(x)
+        loss = (rec - x).pow(2).mean() + vq_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    with monkeypatch.context() as m:
+        m.setattr(vqvae_module, "F", _OutOfPlaceSiLU())
+        ref_loss, ref_grads = loss_and_grads()
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
+def _official_phi_choice(share_quant_resi: int, num_scales: int) -> list[int]:
+    """Official VAR (models/quant.py), written out independently: share 0 = PhiNonShared with one
+    phi per scale, 1 = PhiShared, else PhiPartiallyShared; the latter two index by the tick
+    nearest si / (SN - 1), ticks at 1/(3K) .. 1 - 1/(3K) only for K == 4, else 1/(2K) .. 1 - 1/(2K)."""
+    import numpy as np
+
+    if share_quant_resi == 1:
+        return [0] * num_scales
+    k = num_scales if share_quant_resi == 0 else share_quant_resi
+    margin = 1 / (3 * k) if k == 4 else 1 / (2 * k)
+    ticks = np.linspace(margin, 1 - margin, k)
+    picks = []
+    for si in range(num_scales):
+        at = si / (num_scales - 1) if num_scales > 1 else 0.0  # upstream divides by zero at SN == 1
+        d = np.abs(ticks - np.float64(at))
+        picks.append(int(np.flatnonzero(d == d.min())[0]))  # first of the nearest (argmin's tie rule)
+    return picks
+
+
+@pytest.mark.parametrize("share", range(0, 9))
+def test_phi_mapping_matches_the_official_rule(share):
+    from engine.models.vqvae import PhiSet
+
+    for num_scales in range(1, 16):
+        with torch.device("meta"):
+            phis = PhiSet(4, 0.5, share, num_scales)
+        assert len(phis.qresi_ls) == (num_scales if share == 0 else share)
+        assert phis.scale_to_phi == _official_phi_choice(share, num_scales), (share, num_scales)
+        if share == 0:
+            assert phis.scale_to_phi == list(range(num_scales))
+
+
+def test_phi_mapping_hand_checked_cases_and_shipped_layout_unchanged():
+    from engine.models.vqvae import PhiSet, phi_index_per_scale
+
+    # The shipped configs (4 phis, 10 scales) keep the mapping the weights were trained with.
+    assert phi_index_per_scale(4, 10) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert PhiSet(4, 0.5, 4, 10).scale_to_phi == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert PhiSet(4, 0.5, 4, 4).scale_to_phi == [0, 1, 2, 3]  # var-micro
+    # 2 phis at ticks 1/4, 3/4: scale 1 of 3 sits exactly between them and takes the first.
+    assert phi_index_per_scale(2, 3) == [0, 0, 1]
+    # 3 phis at 1/6, 1/2, 5/6 over 5 scales at 0, 1/4, 1/2, 3/4, 1.
+    assert phi_index_per_scale(3, 5) == [0, 0, 1, 2, 2]
+    sd = PhiSet(8, 0.5, 6, 10).state_dict()
+    assert sorted(sd) == sorted(f"qresi_ls.{i}.{p}" for i in range(6) for p in ("weight", "bias"))

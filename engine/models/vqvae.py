@@ -8,6 +8,7 @@ partially shared phi conv and subtracted. The same accumulation produces the tra
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,8 +30,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # SiLU runs in place on the GroupNorm outputs: fresh temporaries that nothing else reads
+        # (GroupNorm's backward needs its input, not its output), never on x, the residual input.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -112,7 +115,7 @@ class Encoder(nn.Module):
         if hasattr(self.mid, "attn_1"):
             h = self.mid.attn_1(h)
         h = self.mid.block_2(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))  # fresh temporary
 
 
 class Decoder(nn.Module):
@@ -156,7 +159,7 @@ class Decoder(nn.Module):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))  # fresh temporary
 
 
 class Phi(nn.Conv2d):
@@ -170,23 +173,31 @@ class Phi(nn.Conv2d):
         return h * (1 - self.resi_ratio) + super().forward(h) * self.resi_ratio
 
 
+def phi_index_per_scale(num_phis: int, num_scales: int) -> list[int]:
+    """Which of ``num_phis`` phi convs each of ``num_scales`` scales uses: official VAR's rule.
+
+    The phis sit at evenly spaced ticks on [0, 1], ``linspace(1/(3K), 1 - 1/(3K), K)`` for
+    K == 4 phis and ``linspace(1/(2K), 1 - 1/(2K), K)`` for any other K; scale k (of S) takes
+    the phi whose tick is nearest k / (S - 1) (0 for a single scale), the first one on an exact
+    tie. Computed like upstream: float64 numpy ticks, a Python-float ratio, ``np.argmin``.
+    """
+    k = num_phis
+    ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
+    ratios = [si / (num_scales - 1) if num_scales > 1 else 0.0 for si in range(num_scales)]
+    return [int(np.argmin(np.abs(ticks - r))) for r in ratios]
+
+
 class PhiSet(nn.Module):
-    """``n`` phi convs shared by all scales; scale k uses the phi whose tick is nearest k/(K-1)."""
+    """``n`` phi convs shared by all scales (``n == 0``: one per scale), mapped to scales by
+    ``phi_index_per_scale``: [0, 0, 1, 1, 1, 2, 2, 3, 3, 3] for 4 phis and 10 scales."""
 
     def __init__(self, channels: int, resi_ratio: float, n: int, num_scales: int) -> None:
         super().__init__()
         n = num_scales if n == 0 else n
         self.qresi_ls = nn.ModuleList(Phi(channels, resi_ratio) for _ in range(n))
-        # Plain Python (not torch) so the module also builds on the meta device.
-        ticks = [0.5] if n == 1 else [1 / 3 / n + i * (1 - 2 / 3 / n) / (n - 1) for i in range(n)]
-        denom = max(num_scales - 1, 1)
-        # Exact ties (e.g. k/(K-1) = 2/9 between ticks 1/12 and 13/36) go to the finer phi, which is
-        # what the official checkpoint's mapping [0,0,1,1,1,2,2,3,3,3] shows for 10 scales.
-        self.scale_to_phi = [
-            max(range(n), key=lambda i, r=k / denom: (-round(abs(ticks[i] - r), 9), i)) for k in range(num_scales)
-        ]
-        if n == num_scales:
-            self.scale_to_phi = list(range(num_scales))
+        # numpy, not torch, so the module also builds on the meta device. For n == num_scales
+        # (one phi per scale) the rule is the identity map; n == 1 always gives phi 0.
+        self.scale_to_phi = phi_index_per_scale(n, num_scales)
 
     def forward(self, h: torch.Tensor, scale_index: int) -> torch.Tensor:
         return self.qresi_ls[self.scale_to_phi[scale_index]](h)
