@@ -259,11 +259,11 @@ def test_sticky_and_fixed_drafters_do_not_move():
 
 def test_named_policy_defaults_and_overrides_of_the_drafter_mode():
     comp = compressed_scales(TINY.patch_nums, 0.1)
-    allq = budget_plan("scalekv-allq", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=0.1), SHIPPED_TINY)
-    assert POLICY_DEFAULTS["scalekv-allq"]["drafter_mode"] == "fixed"
-    assert all(allq.drafters[si] == (0,) for si in comp) and allq.name == "scalekv-allq"
-    calibrated = budget_plan("scalekv-allq", TINY.patch_nums, TINY.depth,
-                             BudgetSettings(kv_budget=0.1, drafter_mode="calibrated"), SHIPPED_TINY)
     shipped = budget_plan("scalekv", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=0.1), SHIPPED_TINY)
-    assert calibrated.kept == shipped.kept
+    allq = budget_plan("scalekv-allq", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=0.1), SHIPPED_TINY)
+    assert POLICY_DEFAULTS["scalekv-allq"]["drafter_mode"] == "calibrated"
+    assert allq.kept == shipped.kept and allq.name == "scalekv-allq"
+    fixed = budget_plan("scalekv-allq", TINY.patch_nums, TINY.depth,
+                        BudgetSettings(kv_budget=0.1, drafter_mode="fixed"), SHIPPED_TINY)
+    assert all(fixed.drafters[si] == (0,) for si in comp)
     assert needs_profile("scalekv-allq") and needs_profile("scalekv") and not needs_profile("snapkv")
