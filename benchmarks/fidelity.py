@@ -81,7 +81,7 @@ class FidelityConfig:
     kv_pool_bytes: int = 128 << 20  # the fixed pool for the concurrency figure
     profile_path: str | None = None
     window_size: int = 16
-    pool_kernel: int = 5
+    pool_kernel: int | None = None  # None: the policy's default (5; 1 for the -allq policies)
     pooling: str = "max"
     budget_delta: float | None = None
     reference: str | None = "scalekv"  # paired deltas of every policy vs this one, same budget, same seeds

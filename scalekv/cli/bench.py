@@ -9,7 +9,7 @@ import sys
 
 from . import args as shared
 
-DEFAULT_FIDELITY_POLICIES = "full,scalekv,snapkv,pyramidkv,sliding,streaming,h2o"
+DEFAULT_FIDELITY_POLICIES = "full,scalekv,scalekv-allq,snapkv-allq,snapkv,pyramidkv,sliding,streaming,h2o"
 
 LOAD_HELP = """Load-test KV policies side by side on one request stream.
 
