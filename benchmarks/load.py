@@ -1,6 +1,6 @@
 """Load test: one request stream, several KV policies side by side (``scalekv bench load``).
 
-The design follows vLLM's serving benchmark (reference/serving.md 5.2), adapted to images:
+The design follows vLLM's serving benchmark (`vllm bench serve`), adapted to images:
 open-loop arrivals at ``--request-rate`` R (Poisson, or gamma with ``--burstiness``; see
 ``benchmarks/arrivals.py``) and/or a client-side concurrency limit (``--max-concurrency`` C,
 a semaphore: request i is sent when it has arrived *and* one of the C slots is free). Every

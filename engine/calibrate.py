@@ -31,7 +31,7 @@ import torch
 
 from memory.profile import CalibrationSettings, ScaleProfile
 
-from .models.registry import WEIGHTS_DIR, LoadedModel
+from .models.registry import LoadedModel
 from .reference import ContiguousKVCache, run_scales
 from .request import ImageRequest
 
@@ -130,7 +130,7 @@ def calibrate(
     settings = CalibrationSettings(num_requests=num_requests, seed=seed, num_queries=num_queries,
                                    topk_ratio=topk_ratio, num_drafters=n_d, cfg=float(spec.default_cfg),
                                    top_k=int(spec.default_top_k), top_p=float(spec.default_top_p), dtype=dtype,
-                                   weights=_portable_source(model.source))
+                                   weights=model.source)
 
     def table(t: torch.Tensor) -> tuple[tuple[float, ...], ...]:
         return tuple(tuple(round(float(x), 8) for x in row) for row in t.tolist())  # as stored in JSON
@@ -138,11 +138,6 @@ def calibrate(
     return ScaleProfile(model=spec.name, patch_nums=tuple(cfg.patch_nums), depth=cfg.depth,
                         drafters=tuple(tuple(d) for d in drafters), asi=table(asi), zscore=table(z),
                         current_mass=table(cur), history_topk=table(top), settings=settings)
-
-
-def _portable_source(source: str) -> str:
-    """The weights' source without this checkout's absolute path (profiles are shipped)."""
-    return source.replace(str(WEIGHTS_DIR.parent.parent.parent) + "/", "")
 
 
 def timed_calibrate(model: LoadedModel, **kw) -> tuple[ScaleProfile, float]:

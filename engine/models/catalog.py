@@ -86,6 +86,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         vae=_TINY_VAE,
         default_checkpoint_dir="var-deep",
+        tokenizer_dir="var-tiny",  # the same tokenizer, shipped once
         class_names=SHAPES_CLASS_NAMES,
         notes="Trained here on the synthetic shapes dataset with var-tiny's tokenizer; 32 layers for ScaleKV.",
         default_cfg=6.0,

@@ -100,6 +100,7 @@ class ModelSpec:
     var: VARConfig
     vae: VQVAEConfig
     default_checkpoint_dir: str | None = None  # relative to engine/models/weights
+    tokenizer_dir: str | None = None  # where its tokenizer ships, when shared (default: default_checkpoint_dir)
     notes: str = ""
     default_cfg: float = 1.5
     default_top_k: int = 900

@@ -29,11 +29,19 @@ class LoadedModel:
     source: str  # where the weights came from ("random-init" or paths)
 
 
-def default_checkpoint_dir(spec: ModelSpec) -> Path | None:
+def shipped_weights(spec: ModelSpec) -> tuple[Path, Path] | None:
+    """(transformer, tokenizer) files a model ships with, or None when it ships none."""
     if spec.default_checkpoint_dir is None:
         return None
-    d = WEIGHTS_DIR / spec.default_checkpoint_dir
-    return d if (d / TRANSFORMER_FILE).exists() and (d / TOKENIZER_FILE).exists() else None
+    transformer = WEIGHTS_DIR / spec.default_checkpoint_dir / TRANSFORMER_FILE
+    tokenizer = WEIGHTS_DIR / (spec.tokenizer_dir or spec.default_checkpoint_dir) / TOKENIZER_FILE
+    return (transformer, tokenizer) if transformer.exists() and tokenizer.exists() else None
+
+
+def default_checkpoint_dir(spec: ModelSpec) -> Path | None:
+    """The folder of a model's shipped transformer, or None when it ships none."""
+    files = shipped_weights(spec)
+    return None if files is None else files[0].parent
 
 
 def shipped_profile_path(model_name: str) -> Path:
@@ -102,13 +110,13 @@ def build_model(
         tokenizer = tokenizer or Path(checkpoint) / TOKENIZER_FILE
         checkpoint = Path(checkpoint) / TRANSFORMER_FILE
     if checkpoint is None and not random_init:
-        d = default_checkpoint_dir(spec)
-        if d is None:
+        files = shipped_weights(spec)
+        if files is None:
             raise ValueError(
                 f"model {name!r} has no shipped weights: pass --checkpoint PATH "
                 "(and --tokenizer PATH) or --random-init for random weights"
             )
-        checkpoint, tokenizer = d / TRANSFORMER_FILE, d / TOKENIZER_FILE
+        checkpoint, tokenizer = files
     if checkpoint is not None and tokenizer is None and not random_init:
         raise ValueError("a transformer --checkpoint needs its --tokenizer checkpoint too")
     torch.manual_seed(seed)
@@ -117,9 +125,20 @@ def build_model(
         load_into(var, checkpoint)
     if tokenizer is not None:
         load_into(vae, tokenizer)
-    source = "random-init" if checkpoint is None and tokenizer is None else f"{checkpoint} + {tokenizer}"
+    source = "random-init" if checkpoint is None and tokenizer is None else \
+        f"{_portable(checkpoint)} + {_portable(tokenizer)}"
     var.eval().to(device)
     vae.eval().to(device)
     for p in list(var.parameters()) + list(vae.parameters()):
         p.requires_grad_(False)
     return LoadedModel(spec=spec, var=var, vae=vae, source=source)
+
+
+def _portable(path: str | Path | None) -> str:
+    """A weights path as reports should show it: relative to the checkout for shipped weights
+    (reports and profiles are committed; an absolute path would name one machine)."""
+    if path is None:
+        return "None"
+    root = WEIGHTS_DIR.parent.parent.parent
+    p = Path(path).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
