@@ -51,7 +51,8 @@ def run_cluster(args, engine_cfg, workers: int, load: list[dict]) -> dict:
         assert len(results) == len(load) and all(r["ok"] for r in results), [r["error"] for r in results]
         overhead = [r["stats"]["scheduler_total_seconds"] - r["stats"]["scheduler_queue_seconds"] - r["seconds"]
                     for r in results]
-        per_worker = {w: sum(r["worker"] == w for r in results) for w in sorted({r["worker"] for r in results})}
+        ran_on = [r["stats"]["worker"] for r in results]
+        per_worker = {w: ran_on.count(w) for w in sorted(set(ran_on))}
         single = []
         for i in range(args.single):
             t = time.perf_counter()

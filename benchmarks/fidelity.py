@@ -2,13 +2,33 @@
 
 For each (policy, kv_budget) the harness generates the same requests through an
 ``ImageEngine`` and compares with the ``full`` run: PSNR and SSIM of the images, token agreement
-per scale, class accuracy of the samples (the shape classifier, for ``var-tiny``), the peak KV
-bytes of a request measured from the pool (pages it held at its peak, plus the per-step scratch
-of the current scale's K/V, as in the engine's results) and their ratio to ``full``, and how
-many requests a fixed pool admits at once under the policy's reservation.
+per scale, FID between the full-cache images and the policy's, class accuracy of the samples (the
+shape classifier, for ``var-tiny``), the peak KV bytes of a request measured from the pool (pages it
+held at its peak, plus the per-step scratch of the current scale's K/V, as in the engine's results)
+and their ratio to ``full``, and how many requests a fixed pool admits at once under the policy's
+reservation.
 
 Metrics are consistency metrics (policy vs the full cache), like the paper's Table 1: a
 lossless policy scores PSNR = ``PSNR_CAP`` and SSIM = 1.
+
+Telling policies apart: every policy runs the same seeds, so each (policy, budget) is also compared
+seed by seed with a reference policy (``FidelityConfig.reference``, default ``scalekv``) at the same
+budget: ``delta_psnr`` / ``delta_ssim`` are the mean per-seed differences (policy - reference) with a
+Student t interval (:mod:`benchmarks.stats`). An interval that excludes 0 is a difference the seeds
+resolve. The per-seed values are in the JSON (``psnr_per_seed``, ``ssim_per_seed``, in request
+order) for other analyses. Note that a seed whose image equals the full cache's scores ``PSNR_CAP``,
+which dominates a PSNR mean or difference; ``identical_images`` counts them.
+
+Conventions (also printed above the table):
+
+* PSNR: per image, uint8 RGB, peak 255, then averaged over seeds.
+* SSIM: torchmetrics' ``structural_similarity_index_measure`` defaults on [0, 1] float RGB
+  (``data_range=1``): Gaussian window 11 px, sigma 1.5, K1 = 0.01, K2 = 0.03, borders reflect-padded,
+  the SSIM map averaged over channels and pixels per image, then over seeds.
+* FID: torchmetrics' ``FrechetInceptionDistance`` with the shape classifier's penultimate features
+  (:mod:`benchmarks.fid`), not Inception, between the full-cache images and the policy's (same
+  seeds); only for models the classifier can judge (``CLASSIFIER_MODELS``). With fewer images than
+  features (160) the covariances are rank deficient and FID is biased upwards.
 
 Memory fields: ``kv_peak_bytes`` / ``kv_ratio`` (pool pages at the request's peak plus the
 scratch, as the engine reports them), ``kv_pool_*`` (pool pages only), ``quota_pages`` (the
@@ -17,8 +37,8 @@ the transient while a layer grows before a later layer shrinks, e.g. when the dr
 moves to an earlier layer), ``capacity`` (requests the fixed pool admits at once) and
 ``capacity_ratio`` (full's reservation / this policy's).
 
-    scalekv bench fidelity --model var-tiny --policies full,scalekv,snapkv --budgets 0.1,0.2,0.4 \\
-        --num 32 --json out/fidelity.json --plot out/fidelity
+    scalekv bench fidelity --model var-tiny --policies full,scalekv,snapkv --budgets 0.04,0.1,0.2 \\
+        --num 200 --json out/fidelity.json --plot out/fidelity
 """
 
 from __future__ import annotations
@@ -30,16 +50,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from benchmarks.stats import Interval, mean_ci, paired_delta
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import LoadedModel
 from engine.request import ImageRequest, ImageResult
 
 PSNR_CAP = 100.0  # dB reported for identical images (PSNR is infinite there)
 CLASSIFIER_MODELS = ("var-tiny",)  # models whose images the shape classifier can judge
+SSIM_CONVENTION = ("torchmetrics structural_similarity_index_measure defaults on [0,1] RGB: Gaussian window 11, "
+                   "sigma 1.5, K1 0.01, K2 0.03, reflect-padded borders, mean over channels and pixels")
+FID_CONVENTION = ("torchmetrics FrechetInceptionDistance on the shape classifier's penultimate features "
+                  "(global-average-pooled last conv stage), NOT Inception; full-cache images vs the policy's")
 
-__all__ = ["FidelityConfig", "psnr", "run_fidelity", "ssim", "token_agreement"]
+__all__ = ["FidelityConfig", "format_table", "psnr", "run_fidelity", "ssim", "ssim_batch", "token_agreement",
+           "write_outputs"]
 
 
 @dataclass
@@ -48,23 +73,31 @@ class FidelityConfig:
 
     policies: list[str] = field(default_factory=lambda: ["full", "scalekv", "snapkv", "pyramidkv", "sliding",
                                                          "streaming", "h2o"])
-    budgets: list[float] = field(default_factory=lambda: [0.1])
-    num: int = 8
+    budgets: list[float] = field(default_factory=lambda: [0.04, 0.1, 0.2])  # the ScaleKV paper's Table 1
+    num: int = 200  # requests (= seeds) per policy, the same seeds for every policy
     seed: int = 0
     dtype: str = "float32"
     block_size: int = 16
     kv_pool_bytes: int = 128 << 20  # the fixed pool for the concurrency figure
     profile_path: str | None = None
     window_size: int = 16
-    pool_kernel: int = 5
+    pool_kernel: int | None = None  # None: the policy's default (5; 1 for the -allq policies)
     pooling: str = "max"
     budget_delta: float | None = None
+    reference: str | None = "scalekv"  # paired deltas of every policy vs this one, same budget, same seeds
+    confidence: float = 0.95  # of the paired t-intervals
+    fid: bool = True  # FID on the classifier's features (only for CLASSIFIER_MODELS)
 
     def __post_init__(self) -> None:
         if self.num < 1:
             raise ValueError(f"num: must be >= 1, got {self.num}")
         if not self.policies:
             raise ValueError("policies: give at least one policy")
+        if self.reference == "full":
+            raise ValueError("reference: 'full' is what every metric is measured against; pick a compressing "
+                             "policy (or None for no paired deltas)")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence: a fraction in (0, 1), got {self.confidence}")
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets: each must be a fraction in (0, 1], got {b}")
@@ -83,28 +116,26 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10.0 * np.log10(255.0**2 / mse))
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+def _nchw01(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double() / 255.0
 
 
-def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> float:
-    """SSIM (Wang et al. 2004) of two uint8 ``[H, W, 3]`` images: gaussian window, per channel,
-    valid region, averaged; constants for a 255 data range. The window shrinks for tiny images."""
-    x = torch.from_numpy(a).double().permute(2, 0, 1)[:, None]  # [3, 1, H, W]
-    y = torch.from_numpy(b).double().permute(2, 0, 1)[:, None]
-    size = min(window, x.shape[-1], x.shape[-2])
-    w = _gaussian_window(size, sigma)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
-    sxx = F.conv2d(x * x, w) - mu_x**2
-    syy = F.conv2d(y * y, w) - mu_y**2
-    sxy = F.conv2d(x * y, w) - mu_x * mu_y
-    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
-    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
-    return float((num / den).mean())
+def ssim_batch(a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """Per-image SSIM of two stacks of uint8 ``[H, W, 3]`` images (``SSIM_CONVENTION``)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    x, y = _nchw01(np.stack(list(a))), _nchw01(np.stack(list(b)))
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    if min(x.shape[-2:]) <= 5:
+        raise ValueError(f"ssim: images must be larger than 5 px (the window's reflect padding), got {x.shape}")
+    out = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
+    return out.numpy().astype(np.float64)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two uint8 ``[H, W, 3]`` images (``SSIM_CONVENTION``; 1 when identical)."""
+    return float(ssim_batch([a], [b])[0])
 
 
 def token_agreement(a: list[int], b: list[int], lengths: list[int]) -> list[float]:
@@ -117,13 +148,18 @@ def token_agreement(a: list[int], b: list[int], lengths: list[int]) -> list[floa
     return out
 
 
-def class_accuracy(results: list[ImageResult]) -> float:
+def class_correct(results: list[ImageResult], classifier: torch.nn.Module | None = None) -> np.ndarray:
+    """Per-request 0/1: the shape classifier sees the requested class in the image."""
     from training.classifier import load_classifier, predict
 
     x = torch.stack([torch.from_numpy(r.image) for r in results]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    pred = predict(load_classifier(), x)
+    pred = predict(classifier if classifier is not None else load_classifier(), x)
     labels = torch.tensor([r.class_label for r in results])
-    return float((pred == labels).float().mean())
+    return (pred == labels).numpy().astype(np.float64)
+
+
+def class_accuracy(results: list[ImageResult], classifier: torch.nn.Module | None = None) -> float:
+    return float(class_correct(results, classifier).mean())
 
 
 # --------------------------------------------------------------------------- runs
@@ -176,15 +212,24 @@ def run_policy(model: LoadedModel, requests: list[ImageRequest], policy: str, kv
                      engine.pool.num_pages, engine.pool.page_bytes)
 
 
-def compare(run: PolicyRun, full: PolicyRun, lengths: list[int], with_classes: bool) -> dict:
-    """The metrics of one run against the full-cache run."""
+def compare(run: PolicyRun, full: PolicyRun, lengths: list[int], with_classes: bool, *,
+            fid_fn=None, classifier: torch.nn.Module | None = None, confidence: float = 0.95) -> dict:
+    """The metrics of one run against the full-cache run (request i of one vs request i of the other).
+
+    ``fid_fn`` maps the run's images to their FID against the full-cache images (None: no FID)."""
+    if [r.request_id for r in run.results] != [f.request_id for f in full.results]:
+        raise ValueError("compare: the runs must hold the same requests in the same order")
     pairs = list(zip(run.results, full.results))
     agree = np.mean([token_agreement(r.tokens, f.tokens, lengths) for r, f in pairs], axis=0)
+    psnrs = np.array([psnr(r.image, f.image) for r, f in pairs])
+    ssims = ssim_batch([r.image for r in run.results], [f.image for f in full.results])
     rec = {
         "policy": run.policy,
         "kv_budget": run.kv_budget,
-        "psnr": float(np.mean([psnr(r.image, f.image) for r, f in pairs])),
-        "ssim": float(np.mean([ssim(r.image, f.image) for r, f in pairs])),
+        "psnr": float(psnrs.mean()),
+        "psnr_ci": mean_ci(psnrs, confidence).to_dict(),
+        "ssim": float(ssims.mean()),
+        "ssim_ci": mean_ci(ssims, confidence).to_dict(),
         "identical_images": int(sum(np.array_equal(r.image, f.image) for r, f in pairs)),
         "token_agreement": [round(float(a), 6) for a in agree],
         "token_agreement_all": float(np.mean([np.mean(np.asarray(r.tokens) == np.asarray(f.tokens))
@@ -199,34 +244,83 @@ def compare(run: PolicyRun, full: PolicyRun, lengths: list[int], with_classes: b
         "capacity_ratio": full.request_pages / run.request_pages,
         "seconds": round(run.seconds, 3),
         "images_per_second": round(len(run.results) / run.seconds, 3),
+        "fid": None if fid_fn is None else fid_fn([r.image for r in run.results]),
+        "psnr_per_seed": [float(x) for x in psnrs],
+        "ssim_per_seed": [float(x) for x in ssims],
     }
     if with_classes:
-        rec["class_accuracy"] = class_accuracy(run.results)
+        correct = class_correct(run.results, classifier)
+        rec["class_accuracy"] = float(correct.mean())
+        rec["class_correct_per_seed"] = [int(c) for c in correct]
     return rec
 
 
+def _delta(rec: dict, ref: dict, key: str, confidence: float) -> dict:
+    iv: Interval = paired_delta(rec[key], ref[key], confidence)
+    return iv.to_dict()  # the per-seed lists are in request order, the same seeds in every row
+
+
+def add_paired_deltas(rows: list[dict], reference: str, confidence: float = 0.95) -> int:
+    """Give every row ``delta_psnr`` / ``delta_ssim`` (and ``delta_class_accuracy`` when classes are
+    judged): per-seed differences row - reference row at the same budget, mean and t-interval.
+    Rows without a reference run at their budget get None. Returns how many rows got deltas."""
+    refs = {r["kv_budget"]: r for r in rows if r["policy"] == reference}
+    done = 0
+    for r in rows:
+        ref = refs.get(r["kv_budget"])
+        if ref is None:
+            r["delta_psnr"] = r["delta_ssim"] = None
+            continue
+        r["delta_psnr"] = _delta(r, ref, "psnr_per_seed", confidence)
+        r["delta_ssim"] = _delta(r, ref, "ssim_per_seed", confidence)
+        if "class_correct_per_seed" in r:
+            r["delta_class_accuracy"] = _delta(r, ref, "class_correct_per_seed", confidence)
+        done += 1
+    return done
+
+
 def run_fidelity(model: LoadedModel, cfg: FidelityConfig, progress: bool = True) -> tuple[dict, dict]:
-    """Every (policy, budget) against ``full``. Returns (report, images) where images maps
-    (policy, budget) -> list of uint8 images (for the grid plot)."""
+    """Every (policy, budget) against ``full``, and paired against ``cfg.reference``. Returns
+    (report, images) where images maps (policy, budget) -> list of uint8 images (for the grid plot)."""
     from tqdm import tqdm
 
     requests = make_requests(model, cfg.num, cfg.seed)
     lengths = model.spec.var.scale_lengths()
     with_classes = model.spec.name in CLASSIFIER_MODELS
+    with_fid = cfg.fid and with_classes and cfg.num >= 2
+    classifier = None
+    if with_classes:
+        from training.classifier import load_classifier
+
+        classifier = load_classifier()
     others = [p for p in cfg.policies if p != "full"]
     bar = tqdm(total=1 + len(others) * len(cfg.budgets), desc="fidelity", unit="run", disable=not progress)
     full = run_policy(model, requests, "full", 1.0, cfg)
     bar.update(1)
-    full_rec = compare(full, full, lengths, with_classes)
+    fid_fn, fid_features = None, None
+    if with_fid:
+        from benchmarks.fid import ClassifierFeatures, FeatureFID
+
+        fid_fn = FeatureFID([r.image for r in full.results], ClassifierFeatures(classifier))
+        fid_features = fid_fn.num_features
+    kw = {"fid_fn": fid_fn, "classifier": classifier, "confidence": cfg.confidence}
+    full_rec = compare(full, full, lengths, with_classes, **kw)
     rows, images = [], {("full", 1.0): [r.image for r in full.results]}
     for budget in cfg.budgets:
         for policy in others:
             bar.set_postfix_str(f"{policy}@{budget}")
             run = run_policy(model, requests, policy, budget, cfg)
-            rows.append(compare(run, full, lengths, with_classes))
+            rows.append(compare(run, full, lengths, with_classes, **kw))
             images[(policy, budget)] = [r.image for r in run.results]
             bar.update(1)
     bar.close()
+    reference = cfg.reference if cfg.reference in others else None
+    full_rec["delta_psnr"] = full_rec["delta_ssim"] = None  # full is what the metrics are measured against
+    if reference is not None:
+        add_paired_deltas(rows, reference, cfg.confidence)
+    else:
+        for r in rows:
+            r["delta_psnr"] = r["delta_ssim"] = None
     from benchmarks.common import machine, today
 
     report = {
@@ -238,10 +332,32 @@ def run_fidelity(model: LoadedModel, cfg: FidelityConfig, progress: bool = True)
         "machine": machine(),
         "date": today(),
         "psnr_cap": PSNR_CAP,
+        "reference": reference,
+        "confidence": cfg.confidence,
+        "conventions": {
+            "psnr": "per image on uint8 RGB, peak 255, capped at psnr_cap when identical; mean over seeds",
+            "ssim": SSIM_CONVENTION,
+            "fid": FID_CONVENTION if with_fid else None,
+            "delta": "per-seed difference policy - reference at the same budget and seed; mean and Student "
+                     "t-interval (ddof=1, n-1 degrees of freedom)",
+        },
+        "fid_features": fid_features,
+        "torchmetrics": _torchmetrics_version(),
         "full": full_rec,
         "results": rows,
     }
+    if cfg.reference is not None and reference is None:
+        report["reference_note"] = (f"reference policy {cfg.reference!r} is not among the policies run; "
+                                    "no paired deltas")
     return report, images
+
+
+def _torchmetrics_version() -> str | None:
+    try:
+        import torchmetrics
+    except ImportError:  # pragma: no cover
+        return None
+    return torchmetrics.__version__
 
 
 # --------------------------------------------------------------------------- plots
@@ -307,17 +423,56 @@ def write_outputs(report: dict, images: dict, cfg: FidelityConfig, json_path: st
         plot_sweep(report, Path(plot_dir) / "budget_sweep.png")
 
 
+def _fmt_delta(d: dict | None, digits: int) -> str:
+    if d is None:
+        return "-"
+    if d["low"] is None:  # a single seed: no interval
+        return f"{d['mean']:+.{digits}f}"
+    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f},{d['high']:+.{digits}f}]"
+
+
 def format_table(report: dict) -> str:
-    """A plain text table of the main figures."""
-    head = f"{'policy':<10} {'budget':>6} {'PSNR':>7} {'SSIM':>6} {'tok%':>6} {'KV/full':>8} {'cap x':>6}"
+    """A plain text table of the main figures, the conventions as ``#`` lines above it."""
+    ref = report.get("reference")
+    conf = report.get("confidence", 0.95)
+    rows = [report["full"]] + report["results"]
     with_cls = "class_accuracy" in report["full"]
+    with_fid = report["full"].get("fid") is not None
+    conv = report.get("conventions", {})
+    notes = [f"# {report['model']}: {report['num']} seeds per policy (seeds {report['seed']}.."
+             f"{report['seed'] + report['num'] - 1}), every metric vs the full cache on the same seeds"]
+    if ref is not None:
+        notes.append(f"# dPSNR/dSSIM: paired per-seed difference (policy - {ref}) at the same budget: mean "
+                     f"[{100 * conf:g}% t-interval]; 'ref' marks the reference")
+    else:
+        notes.append(f"# no paired deltas: {report.get('reference_note', 'no reference policy')}")
+    notes.append(f"# PSNR: {conv.get('psnr', 'uint8 RGB, peak 255')}")
+    notes.append(f"# SSIM: {conv.get('ssim', SSIM_CONVENTION)}")
+    if with_fid:
+        n_feat = report.get("fid_features")
+        note = f"# FID: {conv.get('fid', FID_CONVENTION)}; {n_feat}-d features, {report['num']} images per set"
+        if n_feat is not None and report["num"] <= n_feat:
+            note += " (fewer images than features: rank-deficient covariances, FID biased upwards)"
+        notes.append(note)
+    notes.append("# KV/full: mean peak KV bytes of a request / full's; cap x: requests a fixed pool admits, "
+                 "vs full; tok%: tokens equal to full's")
+    head = (f"{'policy':<10} {'budget':>6} {'PSNR':>7} {'dPSNR [CI]':>23} {'SSIM':>6} {'dSSIM [CI]':>26}")
+    if with_fid:
+        head += f" {'FID':>8}"
     if with_cls:
         head += f" {'acc':>5}"
-    lines = [head]
-    for r in [report["full"]] + report["results"]:
-        line = (f"{r['policy']:<10} {r['kv_budget']:>6.2f} {r['psnr']:>7.2f} {r['ssim']:>6.3f} "
-                f"{100 * r['token_agreement_all']:>6.1f} {r['kv_ratio']:>8.3f} {r['capacity_ratio']:>6.2f}")
+    head += f" {'KV/full':>8} {'tok%':>6} {'cap x':>6}"
+    lines = [*notes, head]
+    for r in rows:
+        is_ref = ref is not None and r["policy"] == ref
+        dp = "ref" if is_ref else _fmt_delta(r.get("delta_psnr"), 2)
+        ds = "ref" if is_ref else _fmt_delta(r.get("delta_ssim"), 4)
+        line = f"{r['policy']:<10} {r['kv_budget']:>6.2f} {r['psnr']:>7.2f} {dp:>23} {r['ssim']:>6.3f} {ds:>26}"
+        if with_fid:
+            fid = 0.0 if abs(r["fid"]) < 5e-4 else r["fid"]  # float noise around 0 (full vs itself)
+            line += f" {fid:>8.3f}"
         if with_cls:
             line += f" {r['class_accuracy']:>5.2f}"
+        line += f" {r['kv_ratio']:>8.3f} {100 * r['token_agreement_all']:>6.1f} {r['capacity_ratio']:>6.2f}"
         lines.append(line)
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import torch
 from memory.budgets import BudgetSettings, budget_plan
 from memory.manager import KVPlan, MemoryManager, RequestTooLargeError
 from memory.policies import SelectionPolicy, make_policy
-from memory.policy_names import POLICIES
+from memory.policy_names import POLICIES, needs_profile
 from memory.pool import KVPool
 from memory.profile import ScaleProfile
 
@@ -80,8 +80,9 @@ class ImageEngine:
                 where = f"profile_path {path} does not exist" if self.config.profile_path else \
                     f"model {spec.name!r} ships no scale profile ({path})"
                 raise ValueError(
-                    f"policy 'scalekv' needs a scale profile: {where}; run `scalekv calibrate --model {spec.name} "
-                    "--out PROFILE.json` and pass --profile-path PROFILE.json (EngineConfig.profile_path)"
+                    f"policies that split budgets by scale role (scalekv, scalekv-allq) need a scale profile: {where}; "
+                    f"run `scalekv calibrate --model {spec.name} --out PROFILE.json` and pass --profile-path "
+                    "PROFILE.json (EngineConfig.profile_path)"
                 )
             self._profile = ScaleProfile.load(path, spec.name, spec.var.patch_nums, spec.var.depth)
         return self._profile
@@ -89,7 +90,7 @@ class ImageEngine:
     def budget_settings(self, kv_budget: float) -> BudgetSettings:
         c = self.config
         return BudgetSettings(kv_budget=kv_budget, window_size=c.window_size, delta=c.budget_delta,
-                              align=c.block_size)
+                              align=c.block_size, drafter_mode=c.drafter_mode, num_drafters=c.num_drafters)
 
     def plan_for(self, policy: str, kv_budget: float) -> KVPlan:
         """Per-(scale, layer) token quotas of ``policy`` at ``kv_budget`` (cached)."""
@@ -98,7 +99,7 @@ class ImageEngine:
             if policy not in POLICIES:
                 raise ValueError(f"policy: unknown policy {policy!r} (available: {', '.join(POLICIES)})")
             var = self.model.spec.var
-            profile = self.scale_profile() if policy == "scalekv" else None
+            profile = self.scale_profile() if needs_profile(policy) else None
             self._plans[key] = budget_plan(policy, var.patch_nums, var.depth, self.budget_settings(kv_budget),
                                            profile)
         return self._plans[key]
@@ -107,7 +108,8 @@ class ImageEngine:
         """The engine's selection policy object of that name (stateful ones track sequences)."""
         if policy not in self._policies:
             c = self.config
-            self._policies[policy] = make_policy(policy, c.window_size, c.pool_kernel, c.pooling)
+            self._policies[policy] = make_policy(policy, c.window_size, c.pool_kernel, c.pooling, c.score_queries,
+                                                 c.score)
         return self._policies[policy]
 
     def add_request(self, request: ImageRequest) -> bool:

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from memory.policy_names import POLICIES
+from memory.policy_names import DRAFTER_MODES, POLICIES, SCORE_QUERIES, SCORES
 
 DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "torch", "xformers")
@@ -41,8 +41,18 @@ class EngineConfig:
     attention_backend: str = _knob("auto", "paged attention backend", choices=ATTENTION_BACKENDS)
     profile_path: str | None = _knob(None, "scale profile JSON for scalekv (default: the model's shipped one)")
     window_size: int = _knob(16, "observation window of queries (scalekv: a perfect square, grid centres)")
-    pool_kernel: int = _knob(5, "1-D smoothing kernel of the window scores (odd)")
+    pool_kernel: int | None = _knob(None, "1-D smoothing kernel of the window scores (odd; default: the "
+                                          "policy's, 5, or 1 for the -allq policies)")
     pooling: str = _knob("max", "smoothing of the window scores", choices=("max", "avg"))
+    score_queries: str | None = _knob(None, "queries that score candidate tokens: the observation window or all "
+                                            "current-scale queries (default: the policy's)", choices=SCORE_QUERIES)
+    score: str | None = _knob(None, "score by softmax attention or raw logits (default: the policy's)",
+                              choices=SCORES)
+    drafter_mode: str | None = _knob(None, "scalekv drafters: as calibrated, sticky (a drafter once, a drafter at "
+                                           "every compressed scale) or fixed (the most frequent layers)",
+                                     choices=DRAFTER_MODES)
+    num_drafters: int | None = _knob(None, "drafter_mode fixed: how many drafter layers (default: the mean per "
+                                           "scale)")
     budget_delta: float | None = _knob(None, "scalekv: the refiner budget decays by this many tokens per "
                                              "compressed scale (default: drafters keep all)")
 
@@ -70,10 +80,15 @@ class EngineConfig:
             raise ValueError(f"policy: unknown policy {self.policy!r} (available: {', '.join(POLICIES)})")
         if self.window_size < 1 or math.isqrt(self.window_size) ** 2 != self.window_size:
             raise ValueError(f"window_size: must be a perfect square >= 1 (grid window), got {self.window_size}")
-        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+        if self.pool_kernel is not None and (self.pool_kernel < 1 or self.pool_kernel % 2 == 0):
             raise ValueError(f"pool_kernel: must be an odd number >= 1, got {self.pool_kernel}")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling: expected 'max' or 'avg', got {self.pooling!r}")
+        for name, allowed in (("score_queries", SCORE_QUERIES), ("score", SCORES), ("drafter_mode", DRAFTER_MODES)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.num_drafters is not None and self.num_drafters < 0:
+            raise ValueError(f"num_drafters: must be >= 0, got {self.num_drafters}")
         if self.budget_delta is not None and self.budget_delta < 0:
             raise ValueError(f"budget_delta: must be >= 0, got {self.budget_delta}")
 

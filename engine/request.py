@@ -189,9 +189,9 @@ def validate_records(records: Iterable[Any], class_names: Sequence[str] | None =
                      decode_errors: dict[int, str] | None = None) -> ValidatedJob:
     """Validate and expand job records (dicts). Every record ends as its requests or as one
     error naming every bad field. Ids are unique within the job: the first valid record that
-    claims an id wins, a later one is an error; an error result takes its record's id only when
-    no request holds it, else ``#<record>`` (a name no request can have), so an error can never
-    shadow a valid image. ``decode_errors``: records that could not even be decoded."""
+    claims an id wins, a later one is an error; an error result takes its record's id (or the
+    default ``r<index>``) only when nothing else holds it, else ``#<record>`` (a name no request
+    can have), so an error can never shadow a valid image. ``decode_errors``: records that could not even be decoded."""
     records = list(records)
     ctx = {"class_names": list(class_names) if class_names is not None else None, "num_classes": num_classes}
     decode_errors = decode_errors or {}
@@ -231,10 +231,10 @@ def validate_records(records: Iterable[Any], class_names: Sequence[str] | None =
         valid.append((i, reqs))
     errors = []
     for i, own_id, errs in failed:
-        rid = own_id if own_id and own_id not in taken and len(own_id) <= 128 else f"#{i}"
-        taken.setdefault(rid, i)
-        errors.append(RecordError(rid if taken[rid] == i else f"#{i}", i, tuple(errs),
-                                  where[i] if where is not None else f"record {i}"))
+        wanted = own_id if own_id and len(own_id) <= 128 else f"r{i}"
+        rid = wanted if wanted not in taken else f"#{i}"
+        taken[rid] = i
+        errors.append(RecordError(rid, i, tuple(errs), where[i] if where is not None else f"record {i}"))
     requests = [r for _, reqs in valid for r in reqs]
     return ValidatedJob(requests, errors, {r.request_id: i for i, reqs in valid for r in reqs})
 

@@ -9,7 +9,10 @@ fits in ``U``; from the first scale whose cache exceeds ``U`` on, every scale ke
 - ``uniform_plan`` (sliding, streaming, h2o, snapkv): every layer keeps ``U``.
 - ``pyramid_plan`` (pyramidkv): linearly decreasing with depth, mean ``U``.
 - ``scalekv_plan``: per scale, the profile's drafters keep (nearly) all they have and refiners
-  share the rest; optionally the paper's linearly decaying refiner budget (``delta``).
+  share the rest, each keeping at least ``window_size`` tokens (whatever the page size);
+  optionally the paper's linearly decaying refiner budget (``delta``). ``drafter_mode``
+  ("calibrated", "sticky", "fixed") decides whether the drafter set may move between layers
+  from one compressed scale to the next (``memory.profile.normalize_drafters``).
 
 A layer can never keep more than it holds: its history plus the current scale. Whatever one
 layer cannot take is handed to the others (water filling), so the total stays exact. ``align``
@@ -31,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .manager import KVPlan
-from .profile import ScaleProfile
+from .profile import DRAFTER_MODES, ScaleProfile, normalize_drafters
 
 __all__ = [
     "BudgetSettings",
@@ -60,6 +63,10 @@ class BudgetSettings:
     delta: float | None = None  # scalekv: refiner budget U - delta * j at the j-th compressed scale
     pyramid_beta: float = 20.0  # pyramidkv: the last layer gets U / beta (at least window_size)
     align: int = 1  # hand out tokens in multiples of this (the pool's block_size)
+    # scalekv: how the profile's drafters are used at the compressed scales (None: the named
+    # policy's default, see memory.policies.POLICY_DEFAULTS): calibrated | sticky | fixed
+    drafter_mode: str | None = None
+    num_drafters: int | None = None  # drafter_mode "fixed": how many (None: mean per scale)
 
     def __post_init__(self) -> None:
         if not 0 < self.kv_budget <= 1:
@@ -72,6 +79,10 @@ class BudgetSettings:
             raise ValueError(f"pyramid_beta: must be >= 1, got {self.pyramid_beta}")
         if self.align < 1:
             raise ValueError(f"align: must be >= 1, got {self.align}")
+        if self.drafter_mode is not None and self.drafter_mode not in DRAFTER_MODES:
+            raise ValueError(f"drafter_mode: expected one of {', '.join(DRAFTER_MODES)}, got {self.drafter_mode!r}")
+        if self.num_drafters is not None and self.num_drafters < 0:
+            raise ValueError(f"num_drafters: must be >= 0, got {self.num_drafters}")
 
 
 # ------------------------------------------------------------------------ schedule helpers
@@ -136,17 +147,23 @@ def _level_fill(total: int, caps: Sequence[int]) -> list[int]:
     return alloc
 
 
-def water_fill(total: int, caps: Sequence[int], align: int = 1) -> list[int]:
+def water_fill(total: int, caps: Sequence[int], align: int = 1, floors: Sequence[int] | None = None) -> list[int]:
     """Distribute ``total`` tokens over entries with capacities ``caps``, as equally as possible.
 
     With ``align > 1`` the equal split is done in whole units of ``align`` tokens and the
     remainder (less than one unit per entry) is packed greedily into as few entries as
-    possible, so that the split wastes few partial pages. Raises if ``total > sum(caps)``.
+    possible, so that the split wastes few partial pages. ``floors`` (each clipped to its cap)
+    are per-entry minimums that survive the alignment: an entry the aligned split would leave
+    below its floor is pinned at the floor and the others share the rest (the refiners'
+    window minimum when it is not a multiple of the page size). Raises if ``total > sum(caps)``
+    or ``total`` is below the floors.
     """
     if total < 0 or any(c < 0 for c in caps):
         raise ValueError(f"water_fill: total and caps must be >= 0, got {total} and {list(caps)}")
     if total > sum(caps):
         raise ValueError(f"water_fill: cannot place {total} tokens in capacities summing to {sum(caps)}")
+    if floors is not None:
+        return _floored_fill(total, list(caps), [min(f, c) for f, c in zip(floors, caps)], align)
     units = _level_fill(total // align, [c // align for c in caps])
     alloc = [u * align for u in units]
     rem = total - sum(alloc)
@@ -156,6 +173,43 @@ def water_fill(total: int, caps: Sequence[int], align: int = 1) -> list[int]:
         add = min(rem, c - alloc[i])
         alloc[i] += add
         rem -= add
+    return alloc
+
+
+def _floored_fill(total: int, caps: list[int], lo: list[int], align: int) -> list[int]:
+    """``water_fill`` with per-entry minimums ``lo`` (``lo <= caps``): pin the entries the
+    aligned split leaves below their minimum, split the rest among the others, repeat."""
+    if len(lo) != len(caps) or any(f < 0 for f in lo):
+        raise ValueError(f"water_fill: floors must be >= 0, one per entry, got {lo}")
+    if total < sum(lo):
+        raise ValueError(f"water_fill: {total} tokens cannot meet floors summing to {sum(lo)}")
+    alloc = [0] * len(caps)
+    free = list(range(len(caps)))
+    while free:
+        rest = total - sum(alloc[i] for i in range(len(caps)) if i not in free)
+        part = water_fill(rest, [caps[i] for i in free], align)
+        low = [i for i, a in zip(free, part) if a < lo[i]]
+        if not low:
+            for i, a in zip(free, part):
+                alloc[i] = a
+            break
+        for i in low:  # each round pins at least one entry: terminates
+            alloc[i] = lo[i]
+        free = [i for i in free if i not in low]
+    if align > 1:  # pinned entries pay a partial page anyway: move other partial pages into it
+        pinned = [i for i in range(len(caps)) if i not in free]
+        def room(j: int) -> int:
+            return min(caps[j], -(-alloc[j] // align) * align) - alloc[j]
+
+        for i in sorted(free, key=lambda i: alloc[i] % align):
+            part = alloc[i] % align
+            if part == 0 or alloc[i] - part < lo[i] or part > sum(room(j) for j in pinned):
+                continue  # only whole partial pages move (that saves a page), never below a floor
+            for j in pinned:
+                move = min(part, room(j))
+                alloc[i] -= move
+                alloc[j] += move
+                part -= move
     return alloc
 
 
@@ -271,10 +325,14 @@ def scalekv_plan(profile: ScaleProfile, settings: BudgetSettings, name: str = "s
     Shallow models hit the refiner floor: on var-tiny (8 layers, U = 42 at 10%) the whole
     budget is 336 tokens, so a drafter gets at most 336 - 7 x 16 = 224 tokens, not all 424 it
     could hold. A layer that becomes a drafter only holds what it kept as a refiner plus the
-    current map, so "keeps all it holds" is as much as it can get.
+    current map, so "keeps all it holds" is as much as it can get; ``drafter_mode`` "sticky"
+    or "fixed" (``memory.profile.normalize_drafters``) keeps the drafter set stable over the
+    compressed scales so that drafters still hold their history when they need it.
     """
     depth, patch_nums = profile.depth, profile.patch_nums
     align = settings.align
+    readers = [si + 1 for si in compressed_scales(patch_nums, settings.kv_budget)]
+    profile = normalize_drafters(profile, settings.drafter_mode or "calibrated", readers, settings.num_drafters)
 
     def split(si: int, j: int, avail: list[int], u: int) -> list[int]:
         total = depth * u
@@ -290,7 +348,7 @@ def scalekv_plan(profile: ScaleProfile, settings: BudgetSettings, name: str = "s
             for la, b in zip(d_idx, d_alloc):
                 row[la] = b
             r_alloc = water_fill(min(total - sum(d_alloc), sum(avail[la] for la in r_idx)),
-                                 [avail[la] for la in r_idx], align)
+                                 [avail[la] for la in r_idx], align, floors=[floor] * len(r_idx))
             for la, b in zip(r_idx, r_alloc):
                 row[la] = b
         else:
@@ -354,7 +412,9 @@ def budget_plan(policy: str, patch_nums: Sequence[int], depth: int, settings: Bu
     profile's nominal ``budget`` or retains exactly its ``base_capacity`` tokens per layer;
     any other budget splits with the profile's drafters (``scalekv_plan``).
     """
-    from .policy_names import PLAN_KINDS
+    from dataclasses import replace
+
+    from .policy_names import PLAN_KINDS, POLICY_DEFAULTS
 
     kind = PLAN_KINDS.get(policy)
     if kind is None:
@@ -369,6 +429,9 @@ def budget_plan(policy: str, patch_nums: Sequence[int], depth: int, settings: Bu
         raise ValueError(f"policy {policy!r} needs a scale profile")
     if profile.capacities and profile.budget_matches(settings.kv_budget):
         return capacity_plan(profile, name=policy)
+    if settings.drafter_mode is None:
+        mode = POLICY_DEFAULTS.get(policy, {}).get("drafter_mode", "calibrated")
+        settings = replace(settings, drafter_mode=mode)
     return scalekv_plan(profile, settings, name=policy)
 
 

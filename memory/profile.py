@@ -19,6 +19,11 @@ compressed. Budget files of the ScaleKV release are imported this way
 (``memory.profile_import``); ``memory.budgets.capacity_plan`` replays them. Profiles without
 capacities are written exactly as before (version 1); with them, version 2.
 
+Calibration may move the drafter role between layers from scale to scale, but a layer keeps
+history only while it is a drafter: ``normalize_drafters`` makes the set "sticky" (every layer
+that is ever a drafter at a compressed scale is one at all of them) or "fixed" (the few layers
+most often chosen, at every compressed scale, as in the paper's released budget tables).
+
 A profile is only meaningful for the model it was measured on: loading validates the model
 name, the scale schedule and the depth, and refuses a mismatch with an error naming the field.
 """
@@ -26,7 +31,9 @@ name, the scale schedule and the depth, and refuses a mismatch with an error nam
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 PROFILE_VERSION = 1
@@ -223,6 +230,55 @@ class ScaleProfile:
         prof = cls.from_dict(data, source=f"scale profile {path}")
         prof.check_matches(model, patch_nums, depth, source=f"scale profile {path}")
         return prof
+
+
+DRAFTER_MODES = ("calibrated", "sticky", "fixed")
+
+
+def normalize_drafters(profile: ScaleProfile, mode: str, scales: Sequence[int],
+                       num_fixed: int | None = None) -> ScaleProfile:
+    """The profile with its drafters at the reading scales ``scales`` made stable across scales.
+
+    A layer keeps history only while it is a drafter: one that is a refiner at one compressed
+    scale and a drafter at the next has already evicted the history its new role needs (it
+    holds its refiner share plus the current map). Modes:
+
+    - ``calibrated``: the profile as measured (drafters may move between layers).
+    - ``sticky``: a layer that is a drafter at any of ``scales`` is a drafter at all of them,
+      so it keeps its history from the first compressed scale on.
+    - ``fixed``: the paper's observation that a few layers are drafters at (almost) every
+      scale: the ``num_fixed`` layers that are drafters at the most of ``scales`` (ties: lower
+      summed z-score, i.e. more spread attention, then lower index) are the drafters at all of
+      them. ``num_fixed`` defaults to the mean drafter count per scale, rounded (at least 1
+      when the profile has any drafter there).
+
+    Scales outside ``scales`` keep their drafters; ``scales`` are reading scales (scale
+    ``si + 1`` reads what compression after scale ``si`` kept), and scale 0 is never one.
+    """
+    if mode not in DRAFTER_MODES:
+        raise ValueError(f"drafter_mode: expected one of {', '.join(DRAFTER_MODES)}, got {mode!r}")
+    scales = sorted(set(scales))
+    if any(not 0 < k < len(profile.patch_nums) for k in scales):
+        raise ValueError(f"scales: reading scales must be in 1..{len(profile.patch_nums) - 1}, got {scales}")
+    if mode == "calibrated" or not scales:
+        return profile
+    counts = Counter(la for k in scales for la in profile.drafters[k])
+    if mode == "sticky":
+        chosen = tuple(sorted(counts))
+    else:
+        if num_fixed is None:
+            num_fixed = round(sum(counts.values()) / len(scales))
+            num_fixed = max(num_fixed, 1) if counts else 0
+        if not 0 <= num_fixed <= profile.depth:
+            raise ValueError(f"num_fixed: must be in 0..{profile.depth}, got {num_fixed}")
+
+        def z(la: int) -> float:
+            return sum(profile.zscore[k][la] for k in scales) if profile.zscore else 0.0
+
+        ranked = sorted(range(profile.depth), key=lambda la: (-counts.get(la, 0), z(la), la))
+        chosen = tuple(sorted(ranked[:num_fixed]))
+    drafters = tuple(chosen if k in scales else row for k, row in enumerate(profile.drafters))
+    return replace(profile, drafters=drafters)
 
 
 def _format(d: dict) -> str:

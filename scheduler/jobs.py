@@ -11,15 +11,13 @@ Plain Python with no Ray and no locking: the ``Scheduler`` calls it under its ow
 
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from .wire import JOB_FIELDS, RecordError, WireRequest, error_result, result_record
+from engine.request import REQUEST_FIELDS, ImageRequest, ImageResult, RecordError
 
 RETIRED_JOBS_KEPT = 10_000  # finished jobs whose counts job_status still answers
-_FIELD_RE = re.compile(r"^(\w+): ")
 
 
 @dataclass
@@ -27,7 +25,7 @@ class Item:
     """One request as the scheduler tracks it, across attempts."""
 
     job_id: str
-    request: WireRequest
+    request: ImageRequest  # job_id set: what the worker runs, as it is
     demand: int  # KV pages its worker reserves (the engine's own demand function)
     t_submitted: float
     t_queued: float
@@ -35,6 +33,7 @@ class Item:
     worker: str | None = None
     t_sent: float = 0.0
     failures: list[str] = field(default_factory=list)
+    record: int = 0  # index of the job record it came from
 
     @property
     def key(self) -> str:
@@ -84,11 +83,12 @@ class JobTable:
         return job is None or request_id in job.done
 
     def add_error(self, job: Job, err: RecordError) -> None:
-        """A request answered without running (malformed record, rejected policy)."""
-        if err.request_id in job.done:  # a second bad record with the same id: keep ids unique
-            err = replace(err, request_id=f"{err.request_id}.record{err.record}")
+        """A record answered without running (malformed, duplicate id). ``validate_records``
+        gives error results ids that no request holds; the guard keeps that true here too."""
+        if err.request_id in job.done:
+            err = replace(err, request_id=f"#{err.record}")
         job.done.add(err.request_id)
-        job.results.append(error_result(job.job_id, err))
+        job.results.append(err.result(job.job_id).to_record())
         job.num_errors += 1
         self.counters["errors"] += 1
         self.counters["results"] += 1
@@ -97,31 +97,28 @@ class JobTable:
     def add_result(self, job_id: str, request_id: str, res: dict | None, item: Item | None,
                    error: str | None = None) -> bool:
         """Record a worker's result (or an error the scheduler decided); False if it was a
-        duplicate or its job is gone. ``field`` is set when the error names a request field."""
+        duplicate or its job is gone. Every result is an ``ImageResult.to_record`` dict."""
         job = self.jobs.get(job_id)
         if job is None or request_id in job.done:
             if job is not None or job_id in self.retired:  # a late second run of the request
                 self.counters["duplicates_dropped"] += 1
             return False
         job.done.add(request_id)
-        res = res or {}
-        error = error if error is not None else res.get("error")
         req = item.request if item is not None else None
-        stats = dict(res.get("stats") or {})
+        if res is None or error is not None:  # decided by the scheduler: no worker result
+            head = (error or "").split(":", 1)[0]
+            res = ImageResult(request_id, req.class_label if req else None, req.seed if req else None,
+                              error=error, fields=(head,) if head in REQUEST_FIELDS else ()).to_record()
+        rec = {k: v for k, v in res.items() if k != "key"}  # the worker's routing key stays internal
+        rec.update(job_id=job_id, request_id=request_id)
+        stats = dict(rec.get("stats") or {})
         if item is not None:
-            stats.update(scheduler_queue_seconds=round(item.t_sent - item.t_queued, 6),
+            rec["record"] = item.record
+            stats.update(attempts=item.attempts, scheduler_queue_seconds=round(item.t_sent - item.t_queued, 6),
                          scheduler_total_seconds=round(time.monotonic() - item.t_submitted, 6))
-        m = _FIELD_RE.match(error or "")
-        job.results.append(result_record(
-            job_id, request_id,
-            class_label=req.class_label if req else res.get("class_label"),
-            seed=req.seed if req else res.get("seed"),
-            error=error, field=m.group(1) if m and m.group(1) in JOB_FIELDS else None,
-            record=req.record if req else None,
-            tokens=res.get("tokens"), png=res.get("png"), kv_peak_bytes=res.get("kv_peak_bytes", 0),
-            seconds=res.get("seconds", 0.0), worker=res.get("worker"), incarnation=res.get("incarnation"),
-            attempts=item.attempts if item else None, stats=stats,
-        ))
+        rec["stats"] = stats
+        job.results.append(rec)
+        error = rec.get("error")
         if error is not None:
             job.num_errors += 1
             self.counters["errors"] += 1

@@ -34,11 +34,13 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from engine.request import FieldError, RecordError
+
 from .config import NAMESPACE, SchedulerConfig
 from .jobs import Item, JobTable
 from .metrics import SchedulerMetrics
 from .routing import WorkerView, fits_any_when_empty, route
-from .wire import RawRecord, RecordError, parse_records
+from .wire import RawRecord, validate_job
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class Scheduler:
         elif not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
             raise ValueError(f"job_id: must be 1-64 characters of [A-Za-z0-9._-], got {job_id!r}")
         info = self._wait_model_info(timeout)
-        parsed = parse_records(records, info["num_classes"])
+        parsed = validate_job(records, info.get("class_names"), info["num_classes"])
         demands = {k: self._page_demand(*k) for k in {(r.policy, r.kv_budget) for r in parsed.requests}}
         now = time.monotonic()
         with self._cv:
@@ -177,12 +179,14 @@ class Scheduler:
             queued = 0
             for r in parsed.requests:
                 d = demands[(r.policy, r.kv_budget)]
+                record = parsed.record_of[r.request_id]
                 if "error" in d:
                     field_ = d.get("field", "policy")
-                    self._jobs.add_error(job, RecordError(r.request_id, r.record, field_,
-                                                          d["error"].split(": ", 1)[-1]))
+                    self._jobs.add_error(job, RecordError(r.request_id, record, (
+                        FieldError(field_, d["error"].split(": ", 1)[-1]),)))
                     continue
-                self._queue.append(Item(job_id, r, d["pages"], now, now))
+                self._queue.append(Item(job_id, r.model_copy(update={"job_id": job_id}), d["pages"], now, now,
+                                        record=record))
                 queued += 1
             self.counters["requests"] += parsed.total
             self._cv.notify_all()
@@ -402,7 +406,7 @@ class Scheduler:
                 batches.setdefault(w.name, []).append(item)
             for name, items in batches.items():  # .remote() only enqueues: cheap enough under the lock
                 w = self._workers[name]
-                payload = [dict(it.request.to_dict(), key=it.key) for it in items]
+                payload = [it.request for it in items]  # ImageRequest objects: plain fields, pickled
                 self._calls[w.handle.submit.remote(payload, w.incarnation)] = ("submit", w.name, w.incarnation, items)
 
     def _ensure_calls(self) -> None:
@@ -515,9 +519,9 @@ class Scheduler:
         w.incarnation, w.info, w.stats = new, info, info.get("stats", {})
         w.state, w.error, w.since = "alive", None, time.monotonic()
         if self._model_info is None:
-            self._model_info = {k: info[k] for k in ("model", "num_classes", "num_scales", "block_size",
-                                                     "page_bytes", "num_pages", "default_policy",
-                                                     "default_kv_budget")}
+            self._model_info = {k: info.get(k) for k in ("model", "num_classes", "class_names", "num_scales",
+                                                         "block_size", "page_bytes", "num_pages", "default_policy",
+                                                         "default_kv_budget")}
         self._cv.notify_all()
 
     def _on_poll(self, w: _WorkerRec, value: dict) -> None:

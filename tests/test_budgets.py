@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from engine.models.registry import get_spec
+from engine.models.registry import get_spec, shipped_profile_path
 from memory.budgets import (
     BudgetSettings,
     LayerwisePlan,
@@ -16,8 +18,8 @@ from memory.budgets import (
     water_fill,
 )
 from memory.manager import KVPlan, full_plan
-from memory.policies import POLICIES
-from memory.profile import ScaleProfile
+from memory.policies import POLICIES, POLICY_DEFAULTS, needs_profile
+from memory.profile import ScaleProfile, normalize_drafters
 
 TINY = get_spec("var-tiny").var
 MICRO = get_spec("var-micro").var
@@ -147,3 +149,121 @@ def test_budget_settings_and_unknown_policy_errors():
         budget_plan("nope", TINY.patch_nums, TINY.depth, BudgetSettings())
     with pytest.raises(ValueError, match="profile"):
         budget_plan("scalekv", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=0.1))
+
+
+# ------------------------------------------------------------------ refiner floor, drafters
+SHIPPED_TINY = ScaleProfile.load(shipped_profile_path("var-tiny"), "var-tiny", tuple(TINY.patch_nums), TINY.depth)
+
+
+def _refiners(plan, si):
+    return [la for la in range(plan.num_layers) if la not in plan.drafters[si]]
+
+
+def test_water_fill_floors_survive_alignment():
+    assert water_fill(28, [424] * 7, align=16) == [28, 0, 0, 0, 0, 0, 0]  # the bug: floors lost
+    assert water_fill(28, [424] * 7, align=16, floors=[4] * 7) == [4] * 7
+    got = water_fill(60, [100] * 7, align=16, floors=[4] * 7)
+    assert sum(got) == 60 and min(got) >= 4 and sum(-(-a // 16) for a in got) == 7  # still page-thrifty
+    assert water_fill(13, [2, 50, 50], align=4, floors=[5, 5, 5]) == [2, 6, 5]  # floors clip to the cap
+    with pytest.raises(ValueError, match="floors"):
+        water_fill(10, [20, 20, 20], floors=[4, 4, 4])
+
+
+@pytest.mark.parametrize("cfg", [TINY, MICRO, D16], ids=["tiny", "micro", "d16"])
+@pytest.mark.parametrize("window", [1, 4, 9, 16, 25])
+@pytest.mark.parametrize("align", [1, 4, 12, 16, 32])
+def test_every_refiner_keeps_its_minimum_whatever_the_page_size(cfg, window, align):
+    profiles = [PROFILES[k](cfg) for k in sorted(PROFILES)]
+    if cfg is TINY:
+        profiles.append(SHIPPED_TINY)
+    for prof in profiles:
+        for budget in (0.05, 0.1, 0.2):
+            for delta in (None, 5.0):
+                settings = BudgetSettings(kv_budget=budget, window_size=window, align=align, delta=delta)
+                plan = budget_plan("scalekv", cfg.patch_nums, cfg.depth, settings, prof)
+                check_plan(plan, cfg.patch_nums)
+                u = uniform_tokens(cfg.patch_nums, budget)
+                lengths = cfg.scale_lengths()
+                for si in compressed_scales(cfg.patch_nums, budget):
+                    assert sum(plan.kept[si]) == cfg.depth * u
+                    for la in _refiners(plan, si):
+                        held = plan.history(si, la) + lengths[si]
+                        assert plan.kept[si][la] >= min(window, u, held), (prof.drafters, budget, si, la)
+
+
+def _random_profile(cfg, rng) -> ScaleProfile:
+    rows = [()]
+    for _ in range(1, cfg.num_scales):
+        n = min(cfg.depth, rng.choice([0, 1, 1, 2, 3, cfg.depth // 2]))
+        rows.append(tuple(sorted(rng.sample(range(cfg.depth), n))))
+    z = tuple(tuple(rng.gauss(0, 1) for _ in range(cfg.depth)) for _ in range(cfg.num_scales))
+    return ScaleProfile(model="x", patch_nums=tuple(cfg.patch_nums), depth=cfg.depth, drafters=tuple(rows), zscore=z)
+
+
+@pytest.mark.parametrize("cfg", [TINY, MICRO, D16], ids=["tiny", "micro", "d16"])
+def test_random_profiles_never_ask_for_history_a_layer_no_longer_holds(cfg):
+    """Property: kept <= previous kept + the scale's tokens, exact totals, refiner minimums,
+    and a drafter keeps all it holds whenever the total allows (else refiners sit at their
+    minimum and drafters share the rest)."""
+    rng = random.Random(1234)
+    lengths = cfg.scale_lengths()
+    for _ in range(60):
+        prof = _random_profile(cfg, rng)
+        budget = rng.choice([0.03, 0.1, 0.2, 0.4])
+        window, align = rng.choice([1, 4, 9, 16]), rng.choice([1, 4, 12, 16])
+        mode = rng.choice(["calibrated", "sticky", "fixed"])
+        settings = BudgetSettings(kv_budget=budget, window_size=window, align=align, drafter_mode=mode)
+        plan = budget_plan("scalekv", cfg.patch_nums, cfg.depth, settings, prof)
+        check_plan(plan, cfg.patch_nums)
+        u = uniform_tokens(cfg.patch_nums, budget)
+        floor = min(window, u)
+        for si in compressed_scales(cfg.patch_nums, budget):
+            held = [plan.history(si, la) + lengths[si] for la in range(cfg.depth)]
+            row = plan.kept[si]
+            assert all(0 <= k <= h for k, h in zip(row, held))
+            assert sum(row) == cfg.depth * u
+            drafters, refiners = plan.drafters[si], _refiners(plan, si)
+            need = sum(held[la] for la in drafters) + sum(min(floor, held[la]) for la in refiners)
+            if need <= cfg.depth * u:
+                assert all(row[la] == held[la] for la in drafters), (prof.drafters, si)
+            else:
+                assert all(row[la] == min(floor, held[la]) for la in refiners), (prof.drafters, si)
+            assert all(row[la] >= min(floor, held[la]) for la in refiners)
+
+
+def test_sticky_and_fixed_drafters_do_not_move():
+    readers = [si + 1 for si in compressed_scales(TINY.patch_nums, 0.1)]
+    assert SHIPPED_TINY.drafters[readers[0]:] == ((0,), (6,), (0,), (0,), (1, 4))  # calibrated: moving
+    fixed = normalize_drafters(SHIPPED_TINY, "fixed", readers)
+    assert all(fixed.drafters[k] == (0,) for k in readers)  # the most frequent drafter
+    assert fixed.drafters[:readers[0]] == SHIPPED_TINY.drafters[:readers[0]]
+    assert normalize_drafters(SHIPPED_TINY, "fixed", readers, num_fixed=2).drafters[readers[0]] in ((0, 1), (0, 4),
+                                                                                                      (0, 6))
+    sticky = normalize_drafters(SHIPPED_TINY, "sticky", readers)
+    assert all(sticky.drafters[k] == (0, 1, 4, 6) for k in readers)
+    assert normalize_drafters(SHIPPED_TINY, "calibrated", readers) is SHIPPED_TINY
+    with pytest.raises(ValueError, match="drafter_mode"):
+        normalize_drafters(SHIPPED_TINY, "moving", readers)
+    with pytest.raises(ValueError, match="drafter_mode"):
+        BudgetSettings(drafter_mode="moving")
+    # in the plan: a fixed drafter keeps its history from the first compressed scale on
+    plan = budget_plan("scalekv", TINY.patch_nums, TINY.depth,
+                       BudgetSettings(kv_budget=0.1, align=16, drafter_mode="fixed"), SHIPPED_TINY)
+    comp = compressed_scales(TINY.patch_nums, 0.1)
+    assert all(plan.drafters[si] == (0,) for si in comp)
+    assert [plan.kept[si][0] for si in comp] == sorted(plan.kept[si][0] for si in comp)  # never shrinks
+    shipped = budget_plan("scalekv", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=0.1, align=16),
+                          SHIPPED_TINY)
+    assert plan.kept[comp[-1]][0] > max(shipped.kept[comp[-1]])  # more history than any moving drafter
+
+
+def test_named_policy_defaults_and_overrides_of_the_drafter_mode():
+    comp = compressed_scales(TINY.patch_nums, 0.1)
+    shipped = budget_plan("scalekv", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=0.1), SHIPPED_TINY)
+    allq = budget_plan("scalekv-allq", TINY.patch_nums, TINY.depth, BudgetSettings(kv_budget=0.1), SHIPPED_TINY)
+    assert POLICY_DEFAULTS["scalekv-allq"]["drafter_mode"] == "calibrated"
+    assert allq.kept == shipped.kept and allq.name == "scalekv-allq"
+    fixed = budget_plan("scalekv-allq", TINY.patch_nums, TINY.depth,
+                        BudgetSettings(kv_budget=0.1, drafter_mode="fixed"), SHIPPED_TINY)
+    assert all(fixed.drafters[si] == (0,) for si in comp)
+    assert needs_profile("scalekv-allq") and needs_profile("scalekv") and not needs_profile("snapkv")

@@ -79,7 +79,7 @@ def test_two_workers_serve_a_24_request_job_identically_to_the_single_process_en
     results = list(cluster.stream(job, timeout=120))
     assert len(results) == 24 and all(r["ok"] for r in results), [r["error"] for r in results if not r["ok"]]
     assert len({r["request_id"] for r in results}) == 24
-    assert {r["worker"] for r in results} == set(cluster.worker_handles()), "both workers should take work"
+    assert {r["stats"]["worker"] for r in results} == set(cluster.worker_handles()), "both workers should take work"
     by_record = {f"c{c}": rec for c, rec in enumerate(records)}
     keys = [_key(r, by_record[r["request_id"].rsplit("-", 1)[0]]) for r in results]
     ref = reference(keys)
@@ -120,7 +120,7 @@ def test_killed_worker_requests_complete_exactly_once_and_the_restarted_worker_t
     assert all(r["ok"] for r in results), [r["error"] for r in results if not r["ok"]]
     ref = reference([(r["class_label"], r["seed"], 1.5, 6, 0.9) for r in results])
     assert all(r["tokens"] == ref[(r["class_label"], r["seed"], 1.5, 6, 0.9)][0] for r in results)
-    assert sum(r["attempts"] == 2 for r in results) == in_flight
+    assert sum(r["stats"]["attempts"] == 2 for r in results) == in_flight
 
     deadline = time.monotonic() + 90
     while (w := {w["name"]: w for w in cluster.status()["workers"]}[victim_name])["state"] != "alive":
@@ -132,7 +132,7 @@ def test_killed_worker_requests_complete_exactly_once_and_the_restarted_worker_t
     assert sched["requeued"] >= in_flight and sched["worker_failures"] >= 1
     more = cluster.run([{"class_label": 1, "num": 8, "seed": 900}], timeout=120)
     assert all(r["ok"] for r in more) and len(more) == 8
-    assert any(r["worker"] == victim_name and r["incarnation"] == w["incarnation"] for r in more)
+    assert any(r["stats"]["worker"] == victim_name and r["stats"]["incarnation"] == w["incarnation"] for r in more)
 
 
 def test_good_and_bad_records_via_the_cli(cluster, tmp_path, capsys):
@@ -160,8 +160,14 @@ def test_good_and_bad_records_via_the_cli(cluster, tmp_path, capsys):
     expect = {"bad-class": "class_label", "bad-cfg": "cfg", "bad-budget": "kv_budget", "bad-seed": "seed",
               "bad-policy": "policy", "no-class": "class_label", "bad-type": "class_label", "r8": "record"}
     for rid, field in expect.items():
-        assert not recs[rid]["ok"] and recs[rid]["field"] == field and recs[rid]["error"].startswith(field), recs[rid]
+        rec = recs[rid]
+        assert not rec["ok"] and rec["fields"] == [field] and rec["error"].startswith(field), rec
     assert "unknown class" in recs["bad-class"]["error"] and "missing" in recs["no-class"]["error"]
+    gen = tmp_path / "gen"  # `scalekv generate` writes the same results.jsonl schema
+    assert main(["generate", "--model", "var-micro", "--random-init", "--class", "2", "--out", str(gen),
+                 "--threads", "1"]) == 0
+    local = json.loads((gen / "results.jsonl").read_text().splitlines()[0])
+    assert set(local) == set(recs["good-0"]) == set(recs["bad-class"])
     assert "nope" in recs["bad-policy"]["error"]
     assert "error" in capsys.readouterr().err
     assert main(["status", "--json", "--address", address]) == 0

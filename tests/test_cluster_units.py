@@ -8,10 +8,9 @@ import pytest
 
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import build_model
-from engine.request import ImageRequest
+from engine.request import FieldError, ImageRequest, ImageResult, RecordError
 from scheduler.jobs import Item, JobTable
 from scheduler.routing import WorkerView, pick_worker, route
-from scheduler.wire import RecordError, WireRequest
 from workers.config import WorkerConfig
 from workers.worker import Worker
 
@@ -40,24 +39,27 @@ def test_job_table_returns_each_result_once_and_retires_finished_jobs():
     job = table.create("j1", "test", 3)
     with pytest.raises(ValueError, match="job_id"):
         table.create("j1", "again", 1)
-    item = Item("j1", WireRequest(request_id="a", class_label=1, seed=2), demand=8, t_submitted=0.0, t_queued=0.0)
-    assert table.add_result("j1", "a", {"tokens": [1], "png": b"x", "worker": "w0"}, item)
-    assert not table.add_result("j1", "a", {"tokens": [1], "png": b"x", "worker": "w1"}, item)  # second run
+    item = Item("j1", ImageRequest(request_id="a", class_label=1, seed=2, job_id="j1"), demand=8, t_submitted=0.0,
+                t_queued=0.0)
+    ok = ImageResult("a", 1, 2, job_id="j1", tokens=[1], stats={"worker": "w0"}).to_record(png=b"x")
+    assert table.add_result("j1", "a", ok, item)
+    assert not table.add_result("j1", "a", dict(ok, stats={"worker": "w1"}), item)  # second run
     assert table.add_result("j1", "b", None, None, error="class_label: unknown class 99")
-    table.add_error(job, RecordError("c", 2, "cfg", "must be finite"))
+    table.add_error(job, RecordError("c", 2, (FieldError("cfg", "must be finite"),)))
     first = table.take(job, max_results=2)
     assert [r["request_id"] for r in first["results"]] == ["a", "b"] and not first["done"]
-    assert first["results"][0]["worker"] == "w0" and first["results"][1]["field"] == "class_label"
+    assert first["results"][0]["stats"]["worker"] == "w0" and first["results"][1]["fields"] == ["class_label"]
+    assert set(first["results"][0]) == set(first["results"][1])  # one schema for images and errors
     last = table.take(job, max_results=10)
-    assert [r["field"] for r in last["results"]] == ["cfg"] and last["done"]
+    assert [r["fields"] for r in last["results"]] == [["cfg"]] and last["done"]
     assert "j1" not in table.jobs and table.retired_status("j1")["errors"] == 2 and len(table) == 1
     assert not table.add_result("j1", "a", {}, None)  # a late run of a retired job's request
     assert table.counters == {"results": 3, "errors": 2, "duplicates_dropped": 2}
 
 
-def _wire(i: int) -> dict:
-    r = WireRequest(request_id=f"q{i}", class_label=i % 10, seed=100 + i, cfg=1.5, top_k=6, top_p=0.9)
-    return dict(r.to_dict(), key=f"job/q{i}")
+def _wire(i: int) -> ImageRequest:
+    return ImageRequest(request_id=f"q{i}", class_label=i % 10, seed=100 + i, cfg=1.5, top_k=6, top_p=0.9,
+                        job_id="job")
 
 
 def _drain(worker: Worker, n: int, timeout: float = 60) -> list[dict]:
@@ -83,12 +85,13 @@ def test_worker_results_match_the_single_process_engine(worker):
         results[r["key"]] = r
     engine = ImageEngine(build_model("var-micro", random_init=True, seed=0), ENGINE)
     ref = engine.generate([ImageRequest(class_label=i % 10, seed=100 + i, cfg=1.5, top_k=6, top_p=0.9,
-                                             request_id=f"job/q{i}") for i in range(6)])
-    assert sorted(results) == sorted(r.request_id for r in ref)
+                                        request_id=f"q{i}", job_id="job") for i in range(6)])
+    assert sorted(results) == sorted(f"job/{r.request_id}" for r in ref)
     for r in ref:
-        got = results[r.request_id]
+        got = results[f"job/{r.request_id}"]
         assert got["ok"] and got["tokens"] == r.tokens and got["png"] == r.png_bytes()
-        assert got["worker"] == "w0" and got["incarnation"] == worker.incarnation
+        assert got["stats"]["worker"] == "w0" and got["stats"]["incarnation"] == worker.incarnation
+        assert got["job_id"] == "job" and got["request_id"] == r.request_id
     st = worker.stats()
     assert st["engine"]["used"] == 0 and st["engine"]["available_pages"] == st["engine"]["num_pages"]
     assert st["held"] == 0 and st["finished_total"] >= 6 and st["latency"]["count"] >= 6 and st["rss_bytes"] > 0
@@ -120,8 +123,7 @@ def test_worker_page_demand_uses_the_engine_plan_and_names_bad_policies(worker):
 
 
 def test_bad_request_reaching_a_worker_comes_back_as_an_error(worker):
-    w = dict(_wire(30), class_label=99)
-    worker.submit([w])
+    worker.submit([_wire(30).model_copy(update={"class_label": 99})])
     (r,) = _drain(worker, 1)
     assert not r["ok"] and r["error"].startswith("class_label") and r["png"] is None
 

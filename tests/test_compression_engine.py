@@ -94,7 +94,9 @@ def test_compressed_engine_equals_the_dense_compressed_reference(micro_model, pr
     plan = eng.plan_for(policy, budget)
     assert compressed_scales(micro_model.spec.var.patch_nums, budget)  # something is evicted
     got = _tokens(eng.generate(reqs))
-    want = _dense_generate(micro_model, [r.resolved(1.5, 10, 0.9) for r in reqs], plan, make_policy(policy, 4))
+    kernel = getattr(eng.policy_for(policy), "pool_kernel", None)  # the engine passes its pool_kernel
+    want = _dense_generate(micro_model, [r.resolved(1.5, 10, 0.9) for r in reqs], plan,
+                           make_policy(policy, 4, kernel))
     assert got == want
     assert eng.pool.num_free == eng.pool.num_pages and eng.manager.available_pages() == eng.pool.num_pages
 

@@ -8,13 +8,16 @@ import torch.nn.functional as F
 
 from memory.policies import (
     POLICIES,
+    POLICY_DEFAULTS,
     H2OPolicy,
     SelectionContext,
+    all_query_scores,
     grid_window,
     last_window,
     make_policy,
     pool_scores,
     topk_keep,
+    window_scores,
 )
 
 
@@ -128,3 +131,46 @@ def test_make_policy_validates_knobs():
     with pytest.raises(ValueError, match="pool_kernel"):
         make_policy("snapkv", pool_kernel=4)
     assert make_policy("full").select(_ctx(capacity=104), *_inputs()) is None
+
+
+def test_all_query_scores_are_blockwise_exact():
+    q, keys = _inputs(side=8, hist=40)
+    whole = all_query_scores(q, keys, 1.0, block=10_000)
+    assert torch.allclose(all_query_scores(q, keys, 1.0, block=7), whole, atol=1e-5)
+    assert torch.allclose(whole, window_scores(q, keys, 1.0), atol=1e-5)
+    assert torch.allclose(whole.sum(-1), torch.full((3, 4), 64.0), atol=1e-3)  # softmax rows sum to 1
+    logits = all_query_scores(q, keys, 0.5, score="logits", block=5)
+    assert torch.allclose(logits, (q @ keys.transpose(-1, -2)).sum(2) * 0.5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["scalekv", "scalekv-allq", "snapkv"])
+def test_all_query_scoring_keeps_the_top_tokens_by_every_query(name):
+    q, keys = _inputs()
+    policy = make_policy(name, score_queries="all", pool_kernel=1)
+    ctx = _ctx(capacity=20)
+    idx = policy.select(ctx, q, keys)
+    want = all_query_scores(q, keys, 1.0).topk(20, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(idx, want)  # no forced window: purely the top 20 by all-query attention
+    # a history token that only non-window queries look at survives all-query scoring only
+    q1, k1 = _inputs(s=1, h=1)
+    target, win = 3, make_policy("scalekv").window_positions(8)
+    others = torch.tensor([i for i in range(64) if i not in set(win.tolist())])
+    k1[0, 0, target] = F.normalize(torch.ones(16), dim=0)
+    q1[0, 0, others] = 8 * k1[0, 0, target]
+    ctx1 = _ctx(capacity=17, seqs=(0,))
+    assert target in make_policy("scalekv", score_queries="all").select(ctx1, q1, k1)[0, 0].tolist()
+    assert target not in make_policy("scalekv", pool_kernel=1).select(ctx1, q1, k1)[0, 0].tolist()
+
+
+def test_policy_knob_defaults_and_validation():
+    allq, paper = make_policy("scalekv-allq"), make_policy("scalekv")
+    assert (allq.score_queries, allq.score, allq.window, allq.pool_kernel) == ("all", "softmax", "grid", 1)
+    assert (paper.score_queries, paper.score, paper.pool_kernel) == ("window", "softmax", 5)
+    assert make_policy("scalekv-allq", pool_kernel=5).pool_kernel == 5
+    assert make_policy("scalekv-allq", score_queries="window").score_queries == "window"
+    assert make_policy("scalekv", score="logits").describe()["score"] == "logits"
+    assert POLICY_DEFAULTS["scalekv"]["drafter_mode"] == "calibrated"
+    with pytest.raises(ValueError, match="score_queries"):
+        make_policy("scalekv", score_queries="some")
+    with pytest.raises(ValueError, match="score"):
+        make_policy("snapkv", score="entropy")

@@ -3,9 +3,9 @@
 The worker owns an ``ImageEngine`` (model, ``KVPool``, ``MemoryManager``) and drives its step
 loop on a background thread, so the actor's methods (``submit``, ``poll``, ``stats``) answer
 while a step runs: the actor is threaded (``max_concurrency`` > 1) and the engine is touched by
-the loop thread only, or under ``_engine_lock``. Only plain data crosses Ray: request fields in,
-token ids, PNG bytes and stats out. Tensors never leave the process (shipping KV or images as
-torch tensors through the object store costs 10-100x more, see reference/serving.md 3.5).
+the loop thread only, or under ``_engine_lock``. Only plain data crosses Ray: ``ImageRequest`` in,
+``ImageResult.to_record`` (token ids, PNG bytes, stats) out. Tensors never leave the process (shipping KV or images as
+torch tensors through the object store costs 10-100x more).
 
 Fault model: Ray restarts a dead worker (``max_restarts``) by re-running the constructor, which
 builds a fresh, empty pool and a new ``incarnation`` id. The scheduler compares incarnations to
@@ -78,7 +78,7 @@ class Worker:
         self._lock = threading.Lock()  # inbox / outbox / flags
         self._work = threading.Condition(self._lock)  # new requests, resume, stop
         self._ready = threading.Condition(self._lock)  # new results for poll()
-        self._inbox: list[dict] = []
+        self._inbox: list[ImageRequest] = []
         self._outbox: list[dict] = []
         self._held: set[str] = set()  # keys accepted and not yet handed back by poll()
         self._paused = False
@@ -109,6 +109,7 @@ class Worker:
             "device": self.device,
             "model": spec.name,
             "num_classes": spec.var.num_classes,
+            "class_names": list(spec.class_names) if spec.class_names else None,
             "num_scales": spec.var.num_scales,
             "num_pages": pool.num_pages,
             "block_size": pool.block_size,
@@ -140,18 +141,18 @@ class Worker:
             return {"error": msg if msg.startswith(f"{field}:") else f"{field}: {msg}", "field": field}
         return {"pages": int(pages), "policy": policy, "kv_budget": kv_budget}
 
-    def submit(self, requests: list[dict], incarnation: str | None = None) -> dict:
-        """Queue requests (dicts with ``key`` plus ``WireRequest`` fields). Refused as a whole if
-        addressed to another incarnation; keys already held are not queued twice."""
+    def submit(self, requests: list[ImageRequest], incarnation: str | None = None) -> dict:
+        """Queue requests (``ImageRequest`` with ``job_id`` set; ``key`` = job/request). Refused
+        as a whole if addressed to another incarnation; keys already held are not queued twice."""
         if incarnation is not None and incarnation != self.incarnation:
             return {"stale": True, "incarnation": self.incarnation, "accepted": 0, "duplicates": []}
         dups = []
         with self._lock:
             for r in requests:
-                if r["key"] in self._held:
-                    dups.append(r["key"])
+                if r.key in self._held:
+                    dups.append(r.key)
                     continue
-                self._held.add(r["key"])
+                self._held.add(r.key)
                 self._inbox.append(r)
             self._work.notify()
         return {"stale": False, "incarnation": self.incarnation, "accepted": len(requests) - len(dups),
@@ -219,8 +220,8 @@ class Worker:
                 paused = self._paused
             with self._engine_lock:
                 try:
-                    for wire in batch:
-                        self._add(wire)
+                    for req in batch:
+                        self.engine.add_request(req)  # bad input becomes an error result on the next step
                     results = [] if paused else self._step()
                 except Exception as e:  # a bug outside the engine's own error handling: fail, keep serving
                     log.exception("worker %s: loop iteration failed", self.name)
@@ -237,12 +238,6 @@ class Worker:
     def _busy(self) -> bool:
         return self.engine.has_unfinished()
 
-    def _add(self, wire: dict) -> None:
-        req = ImageRequest(class_label=wire["class_label"], seed=wire["seed"], cfg=wire.get("cfg"),
-                                top_k=wire.get("top_k"), top_p=wire.get("top_p"), request_id=wire["key"],
-                                policy=wire.get("policy"), kv_budget=wire.get("kv_budget"))
-        self.engine.add_request(req)  # bad input becomes an error result on the next step
-
     def _step(self) -> list[ImageResult]:
         try:
             return self.engine.step()
@@ -251,13 +246,13 @@ class Worker:
             return self.engine.abort_all(f"worker {self.name} step crashed: {type(e).__name__}: {e}")
 
     def _to_wire(self, r: ImageResult) -> dict:
-        """A finished request as plain data: tokens as ints, the image as PNG bytes."""
+        """A finished request as it crosses back to the scheduler: ``ImageResult.to_record``
+        with the image as PNG bytes, plus ``key`` and which worker ran it."""
         self._finished_total += 1
-        out = {"key": r.request_id, "ok": r.ok, "error": r.error, "class_label": r.class_label, "seed": r.seed,
-               "tokens": r.tokens, "kv_peak_bytes": int(r.kv_peak_bytes), "seconds": float(r.seconds),
-               "stats": dict(r.stats), "worker": self.name, "incarnation": self.incarnation, "png": None}
+        out = r.to_record(png=r.png_bytes() if r.ok else None)
+        out["key"] = f"{r.job_id}/{r.request_id}" if r.job_id else r.request_id
+        out["stats"].update(worker=self.name, incarnation=self.incarnation)
         if r.ok:
-            out["png"] = r.png_bytes()
             ttfs = r.stats.get("first_scale_seconds")
             self._latency.append((float(r.seconds), ttfs))
             self._metrics.observe(float(r.seconds), ttfs)

@@ -9,7 +9,7 @@ import sys
 
 from . import args as shared
 
-DEFAULT_FIDELITY_POLICIES = "full,scalekv,snapkv,pyramidkv,sliding,streaming,h2o"
+DEFAULT_FIDELITY_POLICIES = "full,scalekv,scalekv-allq,snapkv-allq,snapkv,pyramidkv,sliding,streaming,h2o"
 
 LOAD_HELP = """Load-test KV policies side by side on one request stream.
 
@@ -83,8 +83,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     shared.add_model_args(f)
     f.add_argument("--policies", type=_policy_names, default=DEFAULT_FIDELITY_POLICIES,
                    help="comma-separated policies")
-    f.add_argument("--budgets", type=_floats, default="0.1", help="kv budgets to sweep, e.g. 0.04,0.1,0.2")
-    f.add_argument("--num", type=int, default=8, help="requests (request i: class i mod classes, seed S+i)")
+    f.add_argument("--budgets", type=_floats, default="0.04,0.1,0.2",
+                   help="kv budgets to sweep (the ScaleKV paper's Table 1)")
+    f.add_argument("--num", type=int, default=200,
+                   help="requests per policy (request i: class i mod classes, seed S+i), the same for every policy")
+    f.add_argument("--reference", default="scalekv",
+                   help="paired per-seed deltas of every policy vs this one at the same budget ('none': no deltas)")
+    f.add_argument("--confidence", type=float, default=0.95, help="level of the paired t-intervals")
+    f.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True,
+                   help="FID on the shape classifier's penultimate features (not Inception; no downloads)")
     f.add_argument("--seed", type=int, default=0, help="seed S of the first request")
     f.add_argument("--plot", default=None, help="folder for the grid PNGs and the budget sweep plot")
     f.add_argument("--report", default=None, help="write the full report (JSON) to this file")
@@ -151,7 +158,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     cfg = FidelityConfig(policies=args.policies, budgets=args.budgets, num=args.num, seed=args.seed,
                          dtype=ecfg.dtype, block_size=ecfg.block_size, kv_pool_bytes=ecfg.kv_pool_bytes,
                          profile_path=ecfg.profile_path, window_size=ecfg.window_size, pool_kernel=ecfg.pool_kernel,
-                         pooling=ecfg.pooling, budget_delta=ecfg.budget_delta)
+                         pooling=ecfg.pooling, budget_delta=ecfg.budget_delta,
+                         reference=None if args.reference == "none" else args.reference, confidence=args.confidence,
+                         fid=args.fid)
     report, images = run_fidelity(model, cfg, progress=sys.stderr.isatty() and not args.json)
     write_outputs(report, images, cfg, args.report, args.plot)
     print(json.dumps(report, default=str) if args.json else format_table(report))

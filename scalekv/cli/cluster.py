@@ -30,16 +30,19 @@ SUBMIT_HELP = """Run a job file on the cluster and stream the results.
 
 A job file is JSONL (one JSON object a line) or msgpack (a stream of maps, or one array of
 maps). Each record asks for `num` images:
-  {"class_label": 3, "num": 4, "seed": 10, "cfg": 1.5, "top_k": 100, "top_p": 0.95,
-   "policy": "full", "kv_budget": 1.0, "request_id": "cats"}
-Only class_label is required (num 1, seed 0, sampling and KV knobs from the model / cluster).
-Image i of a record uses seed+i and is named <request_id>-<i> when num > 1 (<request_id> when
-num is 1); request_id defaults to r<record index>. A malformed record gets an error result
-naming the field; the others run. A corrupt or truncated file is refused as a whole.
+  {"class_label": "ring-striped", "num": 4, "seed": 10, "cfg": 1.5, "top_k": 100,
+   "top_p": 0.95, "policy": "full", "kv_budget": 1.0, "request_id": "rings"}
+Only class_label (an index, or a class name: `scalekv models`) is required (num 1, seed 0,
+sampling and KV knobs from the model / cluster). Image i of a record uses seed+i and is named
+<request_id>-<i> when num > 1 (<request_id> when num is 1); request_id defaults to r<record
+index> and must be unique in the job (the first record that claims an id wins). A malformed
+record gets one error result naming every bad field; the others run. A corrupt or truncated
+file is refused as a whole.
 
-Writes DIR/<request_id>.png and DIR/results.jsonl (one record per request: request_id, ok,
-error, field, tokens, seconds, worker, stats ...), optionally DIR/results.msgpack (with PNG
-bytes). Exit code 0: all images; 1: some requests failed; 2: the job could not run.
+Writes DIR/<request_id>.png and DIR/results.jsonl, one record per request in the same schema
+as `scalekv generate` (job_id, request_id, record, class_label, seed, ok, error, fields, png,
+tokens, kv_peak_bytes, seconds, stats), optionally DIR/results.msgpack (with PNG bytes).
+Exit code 0: all images; 1: some requests failed; 2: the job could not run.
 """
 
 

@@ -1,0 +1,172 @@
+"""Fidelity harness: SSIM (torchmetrics), FID on the classifier's features, paired deltas vs a reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchmetrics")
+
+from benchmarks.fidelity import FidelityConfig, format_table, run_fidelity, ssim, ssim_batch, write_outputs  # noqa: E402
+from memory.profile import ScaleProfile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory, micro_model):
+    cfg = micro_model.spec.var
+    prof = ScaleProfile(model="var-micro", patch_nums=tuple(cfg.patch_nums), depth=cfg.depth,
+                        drafters=((), (0,), (1,), (0,)))
+    path = tmp_path_factory.mktemp("profile") / "scale_profile.json"
+    prof.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from training.shapes import render_batch
+
+    images, _ = render_batch(123, 0, 48)
+    return images  # uint8 [48, 64, 64, 3]
+
+
+def _micro_cfg(profile_path, **kw) -> FidelityConfig:
+    base = {"policies": ["full", "scalekv", "sliding", "h2o"], "budgets": [0.2, 0.5], "num": 4, "block_size": 4,
+            "window_size": 4, "kv_pool_bytes": 1 << 20, "profile_path": profile_path}
+    return FidelityConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- config
+def test_config_defaults_and_validation():
+    cfg = FidelityConfig()
+    assert cfg.num >= 200 and cfg.budgets == [0.04, 0.1, 0.2]
+    assert cfg.reference == "scalekv" and cfg.confidence == 0.95 and cfg.fid
+    with pytest.raises(ValueError):
+        FidelityConfig(reference="full")
+    with pytest.raises(ValueError):
+        FidelityConfig(confidence=1.0)
+    assert FidelityConfig(reference=None).reference is None
+
+
+# --------------------------------------------------------------------------- SSIM
+def test_ssim_torchmetrics_convention():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
+    per = ssim_batch(a, b)
+    assert per.shape == (3,) and np.all((per > 0) & (per < 1))
+    assert [ssim(x, y) for x, y in zip(a, b)] == pytest.approx(list(per))
+    assert ssim_batch(a, a) == pytest.approx(np.ones(3))
+    assert ssim_batch(b, a) == pytest.approx(per)  # symmetric
+    # the documented convention: torchmetrics' defaults on [0, 1] RGB
+    t = torch.from_numpy(a).permute(0, 3, 1, 2).double() / 255
+    u = torch.from_numpy(b).permute(0, 3, 1, 2).double() / 255
+    ref = structural_similarity_index_measure(t, u, gaussian_kernel=True, sigma=1.5, kernel_size=11,
+                                              data_range=1.0, reduction="none")
+    assert per == pytest.approx(ref.numpy())
+    with pytest.raises(ValueError):
+        ssim_batch(a[:, :4, :4], b[:, :4, :4])
+
+
+# --------------------------------------------------------------------------- FID
+def test_classifier_features_are_the_penultimate_activations(shapes):
+    from benchmarks.fid import ClassifierFeatures, to_uint8_nchw
+    from training.classifier import load_classifier
+
+    clf = load_classifier()
+    ext = ClassifierFeatures(clf)
+    x = to_uint8_nchw(shapes[:8])
+    feats = ext(x)
+    assert ext.num_features == clf.head.in_features == clf.widths[-1] == 160
+    assert feats.shape == (8, ext.num_features) and feats.dtype == torch.float32
+    with torch.no_grad():
+        logits = clf(x.float() / 127.5 - 1)
+    torch.testing.assert_close(clf.head(feats), logits)  # the head's input: penultimate
+    torch.testing.assert_close(ext(x.float() / 255), feats)  # float [0, 1] input reads the same
+
+
+def test_fid_on_classifier_features(shapes, monkeypatch):
+    import urllib.request
+
+    from benchmarks.fid import ClassifierFeatures, FeatureFID, feature_fid
+
+    def no_download(*a, **k):
+        raise AssertionError("FID must not download anything")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(urllib.request, "urlopen", no_download)
+    fid = FeatureFID(shapes, ClassifierFeatures())
+    assert fid.num_reference == 48 and fid.num_features == 160
+    assert abs(fid(shapes)) < 1e-3  # a set against itself
+    rng = np.random.default_rng(0)
+    scores = []
+    for sd in (4, 16, 48):
+        noisy = np.clip(shapes.astype(float) + rng.normal(0, sd, shapes.shape), 0, 255).astype(np.uint8)
+        scores.append(fid(noisy))
+    assert 1e-3 < scores[0] < scores[1] < scores[2]
+    assert feature_fid(shapes, shapes[::-1]) == pytest.approx(0, abs=1e-3)  # order does not matter
+    with pytest.raises(ValueError):
+        fid(shapes[:1])
+
+
+# --------------------------------------------------------------------------- harness
+def test_paired_deltas_and_outputs(micro_model, profile_path, tmp_path):
+    cfg = _micro_cfg(profile_path)
+    report, images = run_fidelity(micro_model, cfg, progress=False)
+    assert report["reference"] == "scalekv" and report["confidence"] == 0.95
+    assert report["full"]["fid"] is None and "class_accuracy" not in report["full"]  # var-micro: no classifier
+    by = {(r["policy"], r["kv_budget"]): r for r in report["results"]}
+    for (policy, budget), r in by.items():
+        ref = by[("scalekv", budget)]
+        assert len(r["psnr_per_seed"]) == len(r["ssim_per_seed"]) == cfg.num
+        assert r["psnr"] == pytest.approx(np.mean(r["psnr_per_seed"]))
+        d = r["delta_psnr"]
+        assert d["n"] == cfg.num and d["confidence"] == 0.95
+        assert d["mean"] == pytest.approx(r["psnr"] - ref["psnr"])
+        assert r["delta_ssim"]["mean"] == pytest.approx(r["ssim"] - ref["ssim"])
+        if d["low"] is not None:
+            assert d["low"] <= d["mean"] <= d["high"]
+        if policy == "scalekv":  # against itself: exactly zero, zero width
+            assert d["mean"] == d["low"] == d["high"] == 0.0
+    table = format_table(report)
+    assert "ref" in table and "dPSNR" in table and "95% t-interval" in table and "SSIM: torchmetrics" in table
+    out = tmp_path / "fid.json"
+    write_outputs(report, images, cfg, str(out), None)
+
+    def no_nan(x):
+        raise ValueError(f"non-strict JSON constant {x}")
+
+    rep = json.loads(out.read_text(), parse_constant=no_nan)
+    assert rep["results"][0]["delta_psnr"]["n"] == cfg.num
+
+
+def test_reference_not_run_gives_no_deltas(micro_model, profile_path):
+    report, _ = run_fidelity(micro_model, _micro_cfg(profile_path, policies=["full", "sliding"], budgets=[0.5],
+                                                     num=2), progress=False)
+    assert report["reference"] is None and "scalekv" in report["reference_note"]
+    assert report["results"][0]["delta_psnr"] is None
+    assert "no paired deltas" in format_table(report)
+
+
+def test_fid_and_classes_wired_in(micro_model, profile_path, monkeypatch):
+    """The classifier path (FID column, class accuracy) on the micro model's 16 px images, pretending
+    the classifier can judge them: checks the wiring, not the numbers."""
+    import benchmarks.fidelity as fidelity
+
+    monkeypatch.setattr(fidelity, "CLASSIFIER_MODELS", ("var-micro",))
+    report, _ = run_fidelity(micro_model, _micro_cfg(profile_path, policies=["full", "scalekv", "h2o"],
+                                                     budgets=[0.2], num=4), progress=False)
+    assert report["fid_features"] == 160
+    assert abs(report["full"]["fid"]) < 1e-3
+    for r in report["results"]:
+        assert math.isfinite(r["fid"]) and r["fid"] > -1e-3
+        assert 0 <= r["class_accuracy"] <= 1 and len(r["class_correct_per_seed"]) == 4
+        assert "delta_class_accuracy" in r
+    table = format_table(report)
+    assert "FID" in table and "NOT Inception" in table and "rank-deficient" in table and " acc" in table
