@@ -20,6 +20,12 @@ hands out tokens in whole pages where possible in the splits that are unequal by
 (scalekv, pyramidkv), which makes their page count (what the pool actually pays) close to
 ``layers * U / block_size`` instead of paying a partial page per layer; the uniform baselines
 keep exactly U per layer, as defined. Nothing is kept after the last scale.
+
+A schedule entry is a square scale's side (VAR's ``patch_nums``) or an ``(h, w)`` pair
+(Infinity's non-square aspect ratios); ``scale_tokens`` counts either.
+
+``capacity_plan`` replays a profile's per-(scale, layer) capacities instead of computing a
+split (a budget file imported from the ScaleKV release, ``memory.profile_import``).
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ __all__ = [
     "BudgetSettings",
     "LayerwisePlan",
     "budget_plan",
+    "capacity_plan",
     "check_plan",
     "compressed_scales",
     "cumulative_lengths",
     "pyramid_plan",
     "reference_length",
+    "scale_tokens",
     "scalekv_plan",
     "uniform_plan",
     "uniform_tokens",
@@ -78,11 +86,19 @@ class BudgetSettings:
 
 
 # ------------------------------------------------------------------------ schedule helpers
+def scale_tokens(patch: int | Sequence[int]) -> int:
+    """Tokens of one scale: ``side ** 2`` for a square scale, ``h * w`` for an ``(h, w)`` pair."""
+    if isinstance(patch, int):
+        return patch * patch
+    h, w = patch
+    return int(h) * int(w)
+
+
 def cumulative_lengths(patch_nums: Sequence[int]) -> list[int]:
     """Tokens cached after each scale with the full cache: 1, 5, 14, ... for VAR-256."""
     out, acc = [], 0
     for p in patch_nums:
-        acc += p * p
+        acc += scale_tokens(p)
         out.append(acc)
     return out
 
@@ -242,7 +258,7 @@ def _build(name: str, patch_nums: Sequence[int], depth: int, settings: BudgetSet
            drafters_of=None) -> KVPlan:
     """Shared skeleton: whole leading scales, ``split(si, j, avail) -> per-layer kept`` at the
     j-th compressed scale, nothing after the last scale."""
-    lengths = [p * p for p in patch_nums]
+    lengths = [scale_tokens(p) for p in patch_nums]
     cum = cumulative_lengths(patch_nums)
     u = uniform_tokens(patch_nums, settings.kv_budget)
     kept: list[tuple[int, ...]] = []
@@ -348,12 +364,57 @@ def scalekv_plan(profile: ScaleProfile, settings: BudgetSettings, name: str = "s
     return _build(name, patch_nums, depth, settings, split, drafters_of=lambda si: profile.drafters[si + 1])
 
 
+def capacity_plan(profile: ScaleProfile, name: str = "scalekv") -> KVPlan:
+    """The plan of a profile that carries per-(scale, layer) capacities (``profile.capacities``),
+    with the released ScaleKV rule: after scale ``si`` a layer holds ``history + current``; it
+    stays whole while that is at most ``profile.base_capacity`` and it has never been
+    compressed, else it keeps ``min(holds, capacities[si + 1][layer])`` (the reader's row, the
+    same indexing as ``drafters``). Nothing is kept after the last scale.
+    """
+    if not profile.capacities:
+        raise ValueError(f"profile for {profile.model!r} has no per-scale capacities")
+    depth, base = profile.depth, profile.base_capacity
+    lengths = [scale_tokens(p) for p in profile.patch_nums]
+    kept: list[tuple[int, ...]] = []
+    drafters: list[tuple[int, ...]] = []
+    started = [False] * depth
+    hist = [0] * depth
+    for si, n in enumerate(lengths):
+        if si == len(lengths) - 1:
+            kept.append((0,) * depth)
+            drafters.append(())
+            break
+        caps = profile.capacities[si + 1]
+        row = []
+        for la in range(depth):
+            holds = hist[la] + n
+            if not started[la] and holds <= base:
+                row.append(holds)
+                continue
+            if not caps:
+                raise ValueError(f"profile for {profile.model!r}: layer {la} holds {holds} tokens after scale {si} "
+                                 f"(more than base_capacity {base}) but the profile has no capacities for scale "
+                                 f"{si + 1}")
+            started[la] = True
+            row.append(min(holds, caps[la]))
+        kept.append(tuple(row))
+        drafters.append(tuple(profile.drafters[si + 1]) if caps else ())
+        hist = row
+    return LayerwisePlan(name=name, kept=tuple(kept), drafters=tuple(drafters))
+
+
 def budget_plan(policy: str, patch_nums: Sequence[int], depth: int, settings: BudgetSettings,
                 profile: ScaleProfile | None = None) -> KVPlan:
-    """The plan a named policy runs under (``full`` ignores the budget)."""
+    """The plan a named policy runs under (``full`` ignores the budget).
+
+    A scalekv profile with per-scale capacities (an imported budget file) is replayed as is
+    (``capacity_plan``) when the requested budget is the file's: ``kv_budget`` equals the
+    profile's nominal ``budget`` or retains exactly its ``base_capacity`` tokens per layer;
+    any other budget splits with the profile's drafters (``scalekv_plan``).
+    """
     from dataclasses import replace
 
-    from .policies import PLAN_KINDS, POLICY_DEFAULTS
+    from .policy_names import PLAN_KINDS, POLICY_DEFAULTS
 
     kind = PLAN_KINDS.get(policy)
     if kind is None:
@@ -366,6 +427,8 @@ def budget_plan(policy: str, patch_nums: Sequence[int], depth: int, settings: Bu
         return pyramid_plan(patch_nums, depth, settings, name=policy)
     if profile is None:
         raise ValueError(f"policy {policy!r} needs a scale profile")
+    if profile.capacities and profile.budget_matches(settings.kv_budget):
+        return capacity_plan(profile, name=policy)
     if settings.drafter_mode is None:
         mode = POLICY_DEFAULTS.get(policy, {}).get("drafter_mode", "calibrated")
         settings = replace(settings, drafter_mode=mode)
@@ -375,7 +438,7 @@ def budget_plan(policy: str, patch_nums: Sequence[int], depth: int, settings: Bu
 def check_plan(plan: KVPlan, patch_nums: Sequence[int]) -> None:
     """Raise ValueError if a plan keeps tokens a layer cannot hold (more than its history plus
     the current scale) or keeps anything after the last scale."""
-    lengths = [p * p for p in patch_nums]
+    lengths = [scale_tokens(p) for p in patch_nums]
     if plan.num_scales != len(lengths):
         raise ValueError(f"plan {plan.name!r}: {plan.num_scales} scales, the model has {len(lengths)}")
     for si, row in enumerate(plan.kept):

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .page_table import PageTable
-from .pool import KVPool
+if TYPE_CHECKING:  # torch-free at import: capacity planning (memory.planner) uses the plan math only
+    from .pool import KVPool
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ def full_plan(scale_lengths: Sequence[int], depth: int) -> KVPlan:
     return KVPlan(name="full", kept=tuple(kept))
 
 
+def request_pages(plan: KVPlan, block_size: int, num_sequences: int = 2) -> int:
+    """Pages reserved at admission for a request of ``num_sequences`` sequences (the two CFG
+    branches) that follow ``plan``: each sequence's peak, no sharing between them. The one
+    formula for admission (``MemoryManager``), routing and capacity planning."""
+    return plan.peak_pages(block_size) * num_sequences
+
+
 class RequestTooLargeError(ValueError):
     """The request needs more pages than the whole pool has: it could never be admitted."""
 
@@ -83,6 +91,8 @@ class MemoryManager:
     """Owns the page table and the accounting between the pool and the requests."""
 
     def __init__(self, pool: KVPool) -> None:
+        from .page_table import PageTable
+
         self.pool = pool
         self.block_size = pool.block_size
         self.table = PageTable(pool.block_size)
@@ -92,7 +102,7 @@ class MemoryManager:
 
     # ----- admission -----------------------------------------------------------------
     def request_pages(self, plan: KVPlan, num_sequences: int = 2) -> int:
-        return plan.peak_pages(self.block_size) * num_sequences
+        return request_pages(plan, self.block_size, num_sequences)
 
     def available_pages(self) -> int:
         """Free pages not promised to an admitted request."""

@@ -11,6 +11,14 @@ The budget of the cache a layer keeps after scale ``k - 1`` therefore follows ``
 (the reader's role), as in the released ScaleKV budget files. Scale 0 has no history, so
 ``drafters[0]`` is always empty.
 
+A profile may also carry exact per-scale budgets, ``capacities[k][layer]``: the most tokens a
+layer keeps after scale ``k - 1`` (same reader indexing as ``drafters``; an empty row = that
+history is never compressed), plus ``base_capacity``, the released code's ``max_capacity``: a
+layer's cache stays whole while it holds at most that many tokens and has never been
+compressed. Budget files of the ScaleKV release are imported this way
+(``memory.profile_import``); ``memory.budgets.capacity_plan`` replays them. Profiles without
+capacities are written exactly as before (version 1); with them, version 2.
+
 Calibration may move the drafter role between layers from scale to scale, but a layer keeps
 history only while it is a drafter: ``normalize_drafters`` makes the set "sticky" (every layer
 that is ever a drafter at a compressed scale is one at all of them) or "fixed" (the few layers
@@ -29,6 +37,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 PROFILE_VERSION = 1
+CAPACITY_PROFILE_VERSION = 2  # written when the profile carries per-scale capacities
+_VERSIONS = (PROFILE_VERSION, CAPACITY_PROFILE_VERSION)
+_CAPACITY_FIELDS = ("capacities", "base_capacity", "budget", "budget_source")
 PROFILE_FILE = "scale_profile.json"
 
 
@@ -71,6 +82,11 @@ class ScaleProfile:
     history_topk: tuple[tuple[float, ...], ...] = ()
     settings: CalibrationSettings = field(default_factory=CalibrationSettings)
     version: int = PROFILE_VERSION
+    # exact budgets (imported budget files); empty = computed from the drafters and kv_budget
+    capacities: tuple[tuple[int, ...], ...] = ()
+    base_capacity: int | None = None  # the released max_capacity: whole caches up to this
+    budget: float | None = None  # nominal budget of the capacities (0.1 = "10%")
+    budget_source: str = ""  # where the capacities came from (informational)
 
     def __post_init__(self) -> None:
         k = len(self.patch_nums)
@@ -88,6 +104,18 @@ class ScaleProfile:
             table = getattr(self, name)
             if table and (len(table) != k or any(len(row) != self.depth for row in table)):
                 raise ValueError(f"{name}: expected a [{k} scales x {self.depth} layers] table")
+        if self.capacities:
+            if len(self.capacities) != k:
+                raise ValueError(f"capacities: expected one row per scale ({k}), got {len(self.capacities)}")
+            if self.capacities[0]:
+                raise ValueError("capacities: scale 0 has no history and cannot have capacities")
+            for si, row in enumerate(self.capacities):
+                if row and (len(row) != self.depth or any(c < 0 for c in row)):
+                    raise ValueError(f"capacities[{si}]: expected {self.depth} token counts >= 0, got {list(row)}")
+            if self.base_capacity is None or self.base_capacity < 1:
+                raise ValueError(f"base_capacity: profiles with capacities need one >= 1, got {self.base_capacity}")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ValueError(f"budget: must be a fraction in (0, 1], got {self.budget}")
 
     # ----- queries ---------------------------------------------------------------------
     def is_drafter(self, scale: int, layer: int) -> bool:
@@ -96,6 +124,18 @@ class ScaleProfile:
     @property
     def num_drafter_pairs(self) -> int:
         return sum(len(d) for d in self.drafters)
+
+    def budget_matches(self, kv_budget: float) -> bool:
+        """Whether ``kv_budget`` is the budget of this profile's capacities: its nominal
+        ``budget``, or a fraction that retains exactly ``base_capacity`` tokens per layer
+        (``round(kv_budget * T)``, T = tokens cached before the last scale)."""
+        if not self.capacities:
+            return False
+        if self.budget is not None and abs(kv_budget - self.budget) < 1e-9:
+            return True
+        sizes = [p * p if isinstance(p, int) else p[0] * p[1] for p in self.patch_nums]
+        reference = sum(sizes[:-1]) if len(sizes) > 1 else sizes[0]
+        return max(1, round(kv_budget * reference)) == self.base_capacity
 
     # ----- validation ------------------------------------------------------------------
     def check_matches(self, model: str | None = None, patch_nums: tuple[int, ...] | list[int] | None = None,
@@ -122,14 +162,20 @@ class ScaleProfile:
         d["drafters"] = {str(si): list(layers) for si, layers in enumerate(self.drafters)}
         for name in ("asi", "zscore", "current_mass", "history_topk"):
             d[name] = [[round(float(x), 8) for x in row] for row in getattr(self, name)]
+        if self.capacities:
+            d["version"] = CAPACITY_PROFILE_VERSION
+            d["capacities"] = {str(si): list(row) for si, row in enumerate(self.capacities) if row}
+        else:  # a plain profile is written exactly as before
+            for name in _CAPACITY_FIELDS:
+                d.pop(name)
         return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "scale profile") -> ScaleProfile:
         try:
             version = int(d.get("version", 0))
-            if version != PROFILE_VERSION:
-                raise ValueError(f"version: expected {PROFILE_VERSION}, got {version}")
+            if version not in _VERSIONS:
+                raise ValueError(f"version: expected one of {list(_VERSIONS)}, got {version}")
             patch_nums = tuple(int(p) for p in d["patch_nums"])
             raw = d["drafters"]
             if isinstance(raw, dict):
@@ -138,6 +184,15 @@ class ScaleProfile:
                 drafters = tuple(tuple(int(x) for x in row) for row in raw)
             tables = {name: tuple(tuple(float(x) for x in row) for row in d.get(name, []))
                       for name in ("asi", "zscore", "current_mass", "history_topk")}
+            caps = d.get("capacities") or {}
+            if isinstance(caps, dict):
+                capacities = tuple(tuple(int(x) for x in caps.get(str(si), [])) for si in range(len(patch_nums)))
+            else:
+                capacities = tuple(tuple(int(x) for x in row) for row in caps)
+            if not any(capacities):
+                capacities = ()
+            base = d.get("base_capacity")
+            budget = d.get("budget")
             return cls(
                 model=str(d["model"]),
                 patch_nums=patch_nums,
@@ -145,6 +200,10 @@ class ScaleProfile:
                 drafters=drafters,
                 settings=CalibrationSettings(**d.get("settings", {})),
                 version=version,
+                capacities=capacities,
+                base_capacity=None if base is None else int(base),
+                budget=None if budget is None else float(budget),
+                budget_source=str(d.get("budget_source", "")),
                 **tables,
             )
         except KeyError as e:
