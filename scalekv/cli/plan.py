@@ -5,7 +5,6 @@ No torch and no weights: shapes come from ``engine.shapes``, the arithmetic from
 (``--model``, ``--device``, ``--policy``, ``--kv-budget``) takes several values and the command
 prints one row per combination (``full`` once per model and device, whatever the budgets).
 
-Before the command is registered in the main parser: ``python -m scalekv.cli.plan [flags]``.
 """
 
 from __future__ import annotations

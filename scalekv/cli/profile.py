@@ -5,7 +5,6 @@ The released files (``"Scale 9"`` ... ``"Scale 13"``, a drafter flag per block, 
 (``memory.profile_import``), which the engine replays when it runs ``scalekv`` at the file's
 budget (``--profile-path PROFILE.json --kv-budget 0.1``) and ``scalekv plan`` plans with.
 
-Before the command is registered in the main parser: ``python -m scalekv.cli.profile import ...``.
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ def cmd_profile_import(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m scalekv.cli.profile import ...``) until registered."""
+    """Standalone entry point (``python -m scalekv.cli.profile import ...``)."""
     parser = argparse.ArgumentParser(prog="scalekv", formatter_class=shared.Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
