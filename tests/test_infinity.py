@@ -113,7 +113,8 @@ def test_official_schedules():
     cfg = get_infinity_spec("infinity-2b").model
     sched = cfg.schedule(1.0, "1M")
     assert [h for h, _ in sched] == [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
-    lens = [h * w for h, w in sched]
+    lens = cfg.scale_lengths(1.0, "1M")
+    assert lens == [h * w for h, w in sched]
     assert sum(lens) == 10521 and sum(lens[:10]) == 2521 and sum(lens[:7]) == 521
     assert cfg.schedule(1.0, "0.25M") == sched[:10]
     wide = cfg.schedule(0.5)  # h/w = 0.5: the 2.0 list transposed

@@ -290,6 +290,10 @@ class InfinityConfig:
         number of scales)."""
         return self.full_schedule(h_div_w)[: self.num_scales_for(resolution)]
 
+    def scale_lengths(self, h_div_w: float = 1.0, resolution: str | int | None = None) -> list[int]:
+        """Tokens of every scale (what one sequence adds to each layer's cache per scale)."""
+        return [h * w for h, w in self.schedule(h_div_w, resolution)]
+
     def __post_init__(self) -> None:
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
