@@ -31,8 +31,10 @@ class ContiguousKVCache:
     statistics (calibration, the attention report) override it and read ``scale_index``,
     which ``run_scales`` sets before each scale."""
 
-    def __init__(self, model: LoadedModel) -> None:
-        self.softmax_scales = [b.attn.softmax_scale for b in model.var.blocks]
+    def __init__(self, model: LoadedModel | None = None, softmax_scales: list[float] | None = None) -> None:
+        if softmax_scales is None:
+            softmax_scales = [b.attn.softmax_scale for b in model.var.blocks]
+        self.softmax_scales = list(softmax_scales)
         self.k: list[torch.Tensor | None] = [None] * len(self.softmax_scales)
         self.v: list[torch.Tensor | None] = [None] * len(self.softmax_scales)
         self.scale_index = 0

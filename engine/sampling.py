@@ -93,3 +93,43 @@ def sample_scale(
 
 def make_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+# ----- Infinity: bitwise tokens --------------------------------------------------------------
+def guide_constant(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Infinity's guidance on logits, the same weight at every scale: cfg * cond + (1 - cfg) * uncond."""
+    return cfg * logits_cond + (1 - cfg) * logits_uncond
+
+
+def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Sample every bit of every token independently from its 2-way softmax.
+
+    ``logits`` [l, 2 d] (already guided and divided by tau; bit j is entries 2j, 2j + 1) ->
+    bits [l, d] uint8. top-p drops a bit value whose probability is at most 1 - top_p (top-k
+    >= 2 changes nothing with 2 values). One uniform per bit from ``generator``, inverse-CDF
+    as in ``sample_from_logits``.
+    """
+    n_tok = logits.shape[0]
+    pairs = filter_logits(logits.reshape(-1, 2), top_k, top_p)
+    probs = pairs.softmax(dim=-1)
+    u = torch.rand(pairs.shape[0], generator=generator, device="cpu").to(probs.device)
+    # cdf = [p0, 1]: bit 1 exactly when u >= p0 (so a filtered value, p = 0, is never drawn)
+    return (u >= probs[:, 0]).to(torch.uint8).view(n_tok, -1)
+
+
+def sample_scale_bits(
+    logits_cond: torch.Tensor,
+    logits_uncond: torch.Tensor,
+    params: list,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Guided bit sampling of one scale for a batch: logits [B, l, 2 d] -> bits [B, l, d].
+
+    ``params[b]`` has ``cfg``, ``tau``, ``top_k``, ``top_p`` (resolved). As in the released
+    loop, logits are divided by tau before guidance."""
+    out = []
+    for b, p in enumerate(params):
+        tau = float(p.tau)
+        row = guide_constant(logits_cond[b].float() / tau, logits_uncond[b].float() / tau, float(p.cfg))
+        out.append(sample_bits(row, int(p.top_k), float(p.top_p), generators[b]))
+    return torch.stack(out)

@@ -4,11 +4,16 @@
 ``vae_ch160v4096z32.pth`` strictly). ``var-tiny`` and ``var-deep`` are trained in this
 repository on the synthetic shapes dataset and shipped. ``var-micro`` exists for fast unit
 tests. Plain data, no torch: the command line lists these without loading a model.
+
+The text-to-image Infinity family is a table of its own (``INFINITY_MODELS``): its specs carry
+an ``InfinityConfig`` + ``BSQConfig`` instead of the class-conditional ``VARConfig`` +
+``VQVAEConfig``. ``infinity-2b`` / ``infinity-8b`` have the released shapes; ``infinity-micro``
+runs in seconds on a CPU for tests.
 """
 
 from __future__ import annotations
 
-from .config import ModelSpec, VARConfig, VQVAEConfig
+from .config import BSQConfig, InfinityConfig, InfinitySpec, ModelSpec, VARConfig, VQVAEConfig
 
 _OFFICIAL_VAE = VQVAEConfig()
 
@@ -133,3 +138,52 @@ def get_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
 
 
+
+
+# ----- Infinity -----------------------------------------------------------------------------
+
+INFINITY_MODELS: dict[str, InfinitySpec] = {
+    "infinity-2b": InfinitySpec(
+        name="infinity-2b",
+        model=InfinityConfig(depth=32, width=2048, num_heads=16, token_bits=32),
+        tokenizer=BSQConfig(codebook_dim=32, ch_mult=(1, 2, 4, 4, 4)),
+        notes="Released Infinity-2B shapes (1024px, Flan-T5-XL text); load infinity_2b_reg.pth with "
+              "infinity_vae_d32_reg.pth (stride 16, d = 32).",
+        default_cfg=3.0,
+        default_tau=0.5,
+        checkpoint_files=("infinity_2b_reg.pth", "infinity_vae_d32_reg.pth"),
+    ),
+    "infinity-8b": InfinitySpec(
+        name="infinity-8b",
+        model=InfinityConfig(depth=40, width=3584, num_heads=28, token_bits=56),
+        tokenizer=BSQConfig(codebook_dim=14, ch_mult=(1, 2, 4, 4), patchify=True),
+        notes="Released Infinity-8B shapes; load the sharded infinity_8b_weights/ with "
+              "infinity_vae_d56_f8_14_patchify.pth (stride 8, d = 14, 2x2 patchify: 56 bits a token).",
+        default_cfg=3.0,
+        default_tau=1.0,
+        checkpoint_files=("infinity_8b_weights/", "infinity_vae_d56_f8_14_patchify.pth"),
+    ),
+    "infinity-micro": InfinitySpec(
+        name="infinity-micro",
+        model=InfinityConfig(
+            depth=2, width=64, num_heads=4, token_bits=8, text_channels=32, text_maxlen=16, block_chunks=2,
+            text_pool_head_dim=8,
+            ratio_scales=((1.0, ((1, 1), (2, 2), (3, 3), (4, 4))), (2.0, ((1, 1), (2, 1), (4, 2), (6, 3)))),
+            resolutions=(("micro", 4), ("tiny", 3)),
+            default_resolution="micro",
+        ),
+        tokenizer=BSQConfig(codebook_dim=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+        notes="Micro config for unit tests (random weights, 8 bits a token, 8x8 px at 1:1).",
+        default_cfg=3.0,
+        default_tau=1.0,
+        text_encoder="",
+    ),
+}
+
+
+def get_infinity_spec(name: str) -> InfinitySpec:
+    try:
+        return INFINITY_MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown Infinity model {name!r}; known: {', '.join(sorted(INFINITY_MODELS))}") from None

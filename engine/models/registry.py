@@ -3,6 +3,10 @@
 ``var-tiny`` and ``var-deep`` are trained in this repository and shipped as safetensors under
 ``engine/models/weights/<model>``; official VAR checkpoints (``var_d*.pth`` with
 ``vae_ch160v4096z32.pth``) load strictly into the ``var-d*`` shapes.
+
+Infinity models (``build_infinity``) load the released files: ``infinity_2b_reg.pth`` (one
+file) or the sharded 8B directory, through ``load_infinity_state_dict`` (its documented quirks,
+otherwise strict), and the BSQ tokenizer through ``load_bsq_state_dict``.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .catalog import DEFAULT_MODEL, MODELS, SHAPES_CLASS_NAMES, get_spec  # noqa: F401  (re-exported)
-from .config import ModelSpec
+from .bsq import BSQTokenizer, load_bsq_state_dict
+from .catalog import DEFAULT_MODEL, MODELS, SHAPES_CLASS_NAMES, get_infinity_spec, get_spec  # noqa: F401
+from .config import InfinitySpec, ModelSpec
+from .infinity import Infinity, load_infinity_state_dict
 from .var import VAR
 from .vqvae import VQVAE
 
@@ -142,3 +148,65 @@ def _portable(path: str | Path | None) -> str:
     root = WEIGHTS_DIR.parent.parent.parent
     p = Path(path).resolve()
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
+
+
+# ----- Infinity -------------------------------------------------------------------------------
+@dataclass
+class LoadedInfinity:
+    spec: InfinitySpec
+    model: Infinity
+    tokenizer: BSQTokenizer
+    source: str
+
+    @property
+    def softmax_scales(self) -> list[float]:
+        return self.model.softmax_scales
+
+
+def load_checkpoint_tree(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from one file, or merged from every ``.safetensors`` / ``.bin`` / ``.pth``
+    shard of a directory (the sharded 8B release); a key found in two shards is an error."""
+    path = Path(path)
+    if not path.is_dir():
+        return load_state_dict_file(path)
+    shards = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+    if not shards:
+        raise FileNotFoundError(f"no checkpoint shards in {path}")
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        part = load_state_dict_file(shard)
+        dup = next((k for k in part if k in out), None)
+        if dup is not None:
+            raise ValueError(f"{shard}: key {dup!r} is also in an earlier shard")
+        out.update(part)
+    return out
+
+
+def build_infinity(
+    name: str,
+    checkpoint: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    random_init: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> LoadedInfinity:
+    """Build a named Infinity model; ``checkpoint`` (a file or a directory of shards) and
+    ``tokenizer`` are the released files. Without them the model refuses to build unless
+    ``random_init`` is set."""
+    spec = get_infinity_spec(name)
+    if not random_init and (checkpoint is None or tokenizer is None):
+        raise ValueError(f"model {name!r} has no shipped weights: pass the transformer checkpoint and the "
+                         "tokenizer checkpoint, or random_init for random weights")
+    torch.manual_seed(seed)
+    model, tok = Infinity(spec.model), BSQTokenizer(spec.tokenizer)
+    if checkpoint is not None:
+        load_infinity_state_dict(model, load_checkpoint_tree(checkpoint))
+    if tokenizer is not None:
+        load_bsq_state_dict(tok, load_checkpoint_tree(tokenizer))
+    source = "random-init" if checkpoint is None and tokenizer is None else \
+        f"{_portable(checkpoint)} + {_portable(tokenizer)}"
+    model.eval().to(device)
+    tok.eval().to(device)
+    for p in list(model.parameters()) + list(tok.parameters()):
+        p.requires_grad_(False)
+    return LoadedInfinity(spec=spec, model=model, tokenizer=tok, source=source)

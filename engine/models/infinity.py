@@ -1,0 +1,521 @@
+"""Infinity: text-to-image next-scale transformer with bitwise logits, state-dict compatible with
+the released ``infinity_2b_reg.pth`` and the sharded 8B weights.
+
+Per request, the text (Flan-T5 encoder states, padding dropped) is RMS-normalised
+(``text_norm``), pooled by a learned query (``text_proj_for_sos``) into one vector that is both
+the start token and the AdaLN condition, and projected (``text_proj_for_ca``) into the
+cross-attention memory. The unconditional CFG row uses the learned ``cfg_uncond`` rows (cut to
+the prompt's length) or a negative prompt in place of the text.
+
+Every block (``CrossAttnBlock``): shared AdaLN (one ``shared_ada_lin`` for the model plus a
+per-block ``ada_gss`` offset, chunks gamma1, gamma2, scale1, scale2, shift1, shift2), cos-
+attention with RoPE-2D, an ungated cross-attention to the text on an affine-LayerNormed input,
+and a tanh-GELU FFN. The head (``head_nm`` AdaLN + ``head``) gives 2 logits per bit.
+
+As in ``var.py`` the model owns no cache: self-attention calls ``attend(layer, q, k, v)`` with
+``[B, H, L, head_dim]`` tensors, q and k L2-normalised (q times its learned per-head scale) and
+rotated, softmax scale 1; teacher forcing passes a block-causal attend, the reference loop a
+contiguous cache, the paged engine its pool. The text K/V of every layer are computed once per
+request (``condition``) and reused at every scale.
+
+RoPE-2D: the first half of a head rotates by the row, the second by the column, adjacent pairs
+rotated, frequencies base^(-i / (head_dim/2)) for even i. Positions are STAR-normalised: token
+(i, j) of an h x w scale takes the angles of (round(i H / h), round(j W / w)), where H x W is the
+last grid of the aspect ratio's full schedule (the 1M grid, also at lower resolutions).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import InfinityConfig
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Schedule = Sequence[tuple[int, int]]
+
+# Buffers some checkpoints carry that this model derives (masks, level ids); the released
+# loader drops them, and so does ``load_infinity_state_dict``.
+DERIVED_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+
+
+# ----- RoPE-2D ------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    """head_dim/4 frequencies per axis."""
+    half = head_dim // 2
+    return 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
+
+
+def star_positions(hw: tuple[int, int], full: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every token (row-major) of an ``hw`` grid in the ``full`` grid."""
+    h, w = hw
+    rows = (torch.arange(h) * (full[0] / h)).round().long()
+    cols = (torch.arange(w) * (full[1] / w)).round().long()
+    return rows.view(h, 1).expand(h, w).reshape(-1), cols.view(1, w).expand(h, w).reshape(-1)
+
+
+def rope_angles(cfg: InfinityConfig, schedule: Schedule, full: tuple[int, int]) -> list[torch.Tensor]:
+    """Rotation angles [h w, head_dim/2] of every scale of ``schedule``."""
+    inv = rope_inv_freq(cfg.head_dim, cfg.rope_base)
+    out = []
+    for hw in schedule:
+        rows, cols = star_positions(tuple(hw), full)
+        out.append(torch.cat((torch.outer(rows.float(), inv), torch.outer(cols.float(), inv)), dim=-1))
+    return out
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x`` [B, H, L, D] by ``angles`` [L, D/2] (or [B, L, D/2]), in fp32."""
+    if angles.dim() == 3:
+        angles = angles.unsqueeze(1)
+    cos, sin = angles.cos(), angles.sin()
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((cos * x0 - sin * x1, sin * x0 + cos * x1), dim=-1)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+# ----- layers ---------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class FFN(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv (q/v biases, zero k bias), cos-attention with a learned per-head scale, RoPE."""
+
+    softmax_scale = 1.0
+
+    def __init__(self, layer: int, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.max_scale_mul = math.log(100.0)
+        self.proj = nn.Linear(width, width)
+
+    def qkv(self, x: torch.Tensor, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, C] -> q, k, v [B, H, L, D]: q/k normalised, q scaled, both rotated."""
+        b, n, _ = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+        q = F.normalize(q, dim=-1) * scale_mul.to(q.dtype)
+        k = F.normalize(k, dim=-1)
+        return apply_rope(q, angles), apply_rope(k, angles), v
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x, angles)
+        return self.proj(attend(self.layer, q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens (or one learned query, ``pool``) to a request's text.
+
+    Keys/values: ``mat_kv`` (no bias weight) with a zero k bias and a learned v bias; softmax
+    scale 1/sqrt(head_dim); no normalisation of q or k."""
+
+    def __init__(self, width: int, kv_dim: int, num_heads: int, pool: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.pool = pool
+        if pool:
+            self.mat_q = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
+        else:
+            self.mat_q = nn.Linear(width, width)
+        self.mat_kv = nn.Linear(kv_dim, 2 * width, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """text [N, T, kv_dim] -> k, v [N, H, T, D]."""
+        n, t, _ = text.shape
+        kv = F.linear(text, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        k, v = kv.view(n, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [N, H, Lq, D], k/v [N, H, T, D], mask [N, T] (True = a real text token)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                              scale=1.0 / math.sqrt(self.head_dim))
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                segments: Sequence[int] | None = None) -> torch.Tensor:
+        """x [N, L, C] (one row per text row), or packed [1, sum(segments), C] where segment i
+        belongs to text row i."""
+        b, n, c = x.shape
+        q = self.mat_q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        if segments is None:
+            out = self.attend(q, k.to(q.dtype), v.to(q.dtype), mask)
+        else:
+            parts, start = [], 0
+            for i, length in enumerate(segments):
+                qi = q[:, :, start : start + length]
+                parts.append(self.attend(qi, k[i : i + 1].to(q.dtype), v[i : i + 1].to(q.dtype), mask[i : i + 1]))
+                start += length
+            out = torch.cat(parts, dim=2)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def pooled(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The learned query's attention over each row's text: [N, T, kv_dim] -> [N, width]."""
+        k, v = self.kv(text)
+        q = self.mat_q.to(k.dtype).unsqueeze(2).expand(text.shape[0], -1, 1, -1)
+        out = self.attend(q, k, v, mask)  # [N, H, 1, D]
+        return self.proj(out.transpose(1, 2).reshape(text.shape[0], -1))
+
+
+class TextAttentivePool(nn.Module):
+    def __init__(self, cfg: InfinityConfig) -> None:
+        super().__init__()
+        self.ca = CrossAttention(cfg.width, cfg.text_channels, cfg.pool_heads, pool=True)
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.ca.pooled(text, mask)
+
+
+@dataclass
+class InfinityCondition:
+    """Everything a batch of rows (sequences: [cond of each request ; uncond of each]) needs at
+    every scale, computed once: the pooled text (start token and head condition), the shared
+    AdaLN output, and every layer's cross-attention K/V of the projected text.
+
+    ``segments``: set for packed inputs ``[1, sum(segments), C]`` in which segment i belongs to
+    row i (a paged runner packs all sequences of a step in one row); None for ``[N, L, C]``."""
+
+    pooled: torch.Tensor  # [N, C]
+    gss: torch.Tensor  # [N, 1, 6, C]: shared_ada_lin(pooled), before each block's ada_gss
+    text_k: list[torch.Tensor]  # per layer [N, H, T, D]
+    text_v: list[torch.Tensor]
+    text_mask: torch.Tensor  # [N, T] bool
+    segments: tuple[int, ...] | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.pooled.shape[0]
+
+    def per_token(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-row tensor [N, ...] laid out to broadcast over the tokens of x: [N, 1, ...],
+        or, packed, one entry per token [1, T, ...]."""
+        if self.segments is None:
+            return t.unsqueeze(1)
+        idx = torch.repeat_interleave(torch.arange(self.rows, device=t.device),
+                                      torch.tensor(self.segments, device=t.device))
+        return t[idx].unsqueeze(0)
+
+    def packed(self, segments: Sequence[int]) -> InfinityCondition:
+        if len(segments) != self.rows:
+            raise ValueError(f"segments: {len(segments)} lengths for {self.rows} rows")
+        return InfinityCondition(self.pooled, self.gss, self.text_k, self.text_v, self.text_mask, tuple(segments))
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> InfinityCondition:
+        """The condition of a subset of rows (the text padded to the longest of all rows)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.pooled.device)
+        return InfinityCondition(self.pooled[idx], self.gss[idx], [k[idx] for k in self.text_k],
+                                 [v[idx] for v in self.text_v], self.text_mask[idx])
+
+    @staticmethod
+    def cat(conds: Sequence[InfinityCondition]) -> InfinityCondition:
+        """Rows of several conditions in order (text padded to the longest)."""
+        t = max(c.text_mask.shape[1] for c in conds)
+
+        def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+            extra = t - x.shape[dim]
+            if extra == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = extra
+            return torch.cat((x, x.new_zeros(shape)), dim=dim)
+
+        depth = len(conds[0].text_k)
+        return InfinityCondition(
+            torch.cat([c.pooled for c in conds]), torch.cat([c.gss for c in conds]),
+            [torch.cat([pad(c.text_k[i], 2) for c in conds]) for i in range(depth)],
+            [torch.cat([pad(c.text_v[i], 2) for c in conds]) for i in range(depth)],
+            torch.cat([pad(c.text_mask, 1) for c in conds]))
+
+
+class CrossAttnBlock(nn.Module):
+    def __init__(self, layer: int, cfg: InfinityConfig) -> None:
+        super().__init__()
+        c = cfg.width
+        self.width = c
+        self.layer = layer
+        self.sa = SelfAttention(layer, c, cfg.num_heads)
+        self.ca = CrossAttention(c, c, cfg.num_heads)
+        self.ffn = FFN(c, cfg.ffn_hidden)
+        self.ln_wo_grad = nn.LayerNorm(c, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ca_norm = nn.LayerNorm(c, eps=cfg.norm_eps, elementwise_affine=True)
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, c) / c**0.5)
+
+    def forward(self, x: torch.Tensor, cond: InfinityCondition, angles: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        # Chunk order (checkpoint layout): gamma1, gamma2, scale1, scale2, shift1, shift2.
+        mods = cond.per_token((self.ada_gss[0] + cond.gss[:, 0]).float())  # [N, 1, 6, C] / [1, T, 6, C]
+        g1, g2, s1, s2, sh1, sh2 = (m.to(x.dtype) for m in mods.unbind(2))
+        x = x + self.sa(self.ln_wo_grad(x) * (s1 + 1) + sh1, angles, attend) * g1
+        x = x + self.ca(self.ca_norm(x), cond.text_k[self.layer], cond.text_v[self.layer], cond.text_mask,
+                        cond.segments)
+        return x + self.ffn(self.ln_wo_grad(x) * (s2 + 1) + sh2) * g2
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.width = width
+        self.ln_wo_grad = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, cond: InfinityCondition) -> torch.Tensor:
+        scale, shift = cond.per_token(self.ada_lin(cond.pooled).view(-1, 2, self.width)).unbind(2)
+        return self.ln_wo_grad(x) * (scale + 1) + shift
+
+
+class _Chunk(nn.Module):
+    """``block_chunks.{c}`` of the released layout: blocks under ``module.{j}``."""
+
+    def __init__(self, blocks: list[CrossAttnBlock]) -> None:
+        super().__init__()
+        self.module = nn.ModuleList(blocks)
+
+
+class Infinity(nn.Module):
+    def __init__(self, cfg: InfinityConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.width
+        self.cfg_uncond = nn.Parameter(torch.empty(cfg.text_maxlen, cfg.text_channels))
+        self.pos_start = nn.Parameter(torch.empty(1, 1, c))
+        self.text_norm = RMSNorm(cfg.text_channels, cfg.norm_eps)
+        self.text_proj_for_sos = TextAttentivePool(cfg)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(cfg.text_channels, c), nn.GELU(approximate="tanh"),
+                                              nn.Linear(c, c))
+        self.lvl_embed = nn.Embedding(cfg.num_lvl, c)
+        self.word_embed = nn.Linear(cfg.token_bits, c)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        blocks = [CrossAttnBlock(i, cfg) for i in range(cfg.depth)]
+        if cfg.block_chunks == 1:
+            self.blocks = nn.ModuleList(blocks)
+        else:
+            n = cfg.blocks_per_chunk
+            self.block_chunks = nn.ModuleList(_Chunk(blocks[i : i + n]) for i in range(0, cfg.depth, n))
+        self.head_nm = AdaLNBeforeHead(c, cfg.norm_eps)
+        self.head = nn.Linear(c, cfg.vocab_size)
+        if self.cfg_uncond.device.type != "meta":
+            self.init_weights()
+
+    @property
+    def block_list(self) -> list[CrossAttnBlock]:
+        if self.cfg.block_chunks == 1:
+            return list(self.blocks)
+        return [b for chunk in self.block_chunks for b in chunk.module]
+
+    @property
+    def softmax_scales(self) -> list[float]:
+        return [SelfAttention.softmax_scale] * self.cfg.depth
+
+    # ----- initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, aln_init: float = 1e-3, gamma_init: float = 1e-4) -> None:
+        """Small-std truncated normals, zero biases, depth-scaled output projections and small
+        AdaLN gammas (blocks start near identity); cfg_uncond from a fixed seed."""
+        c, depth = self.cfg.width, self.cfg.depth
+        std = math.sqrt(1 / c / 3)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    m.bias.zero_()
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        nn.init.trunc_normal_(self.text_proj_for_sos.ca.mat_q, std=std)
+        gen = torch.Generator().manual_seed(0)
+        uncond = torch.empty(self.cfg_uncond.shape)
+        nn.init.trunc_normal_(uncond, std=1.2, generator=gen)
+        self.cfg_uncond.copy_(uncond / self.cfg.text_channels**0.5)
+        self.head_nm.ada_lin[-1].weight.mul_(aln_init)
+        self.head.weight.mul_(0.02)
+        for block in self.block_list:
+            block.sa.proj.weight.div_(math.sqrt(2 * depth))
+            block.ca.proj.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            block.ada_gss[:, :, :2].mul_(gamma_init)
+            block.ada_gss[:, :, 2:].mul_(aln_init)
+
+    # ----- text -> condition ---------------------------------------------------------------
+    def uncond_text(self, length: int) -> torch.Tensor:
+        """The learned unconditional text of a prompt of ``length`` tokens."""
+        if not 1 <= length <= self.cfg.text_maxlen:
+            raise ValueError(f"text length must be in [1, {self.cfg.text_maxlen}], got {length}")
+        return self.cfg_uncond[:length]
+
+    def condition(self, texts: Sequence[torch.Tensor]) -> InfinityCondition:
+        """Text encoder states of each row ([T_i, text_channels], padding removed) ->
+        the rows' condition. For CFG pass [cond texts ; uncond texts]."""
+        if not texts:
+            raise ValueError("condition: no texts")
+        dev, dtype = self.pos_start.device, self.pos_start.dtype
+        t = max(x.shape[0] for x in texts)
+        for x in texts:
+            if x.dim() != 2 or x.shape[1] != self.cfg.text_channels or not 1 <= x.shape[0] <= self.cfg.text_maxlen:
+                raise ValueError(f"text: expected [1..{self.cfg.text_maxlen}, {self.cfg.text_channels}], "
+                                 f"got {tuple(x.shape)}")
+        padded = torch.zeros(len(texts), t, self.cfg.text_channels, device=dev, dtype=dtype)
+        mask = torch.zeros(len(texts), t, dtype=torch.bool, device=dev)
+        for i, x in enumerate(texts):
+            padded[i, : x.shape[0]] = x.to(device=dev, dtype=dtype)
+            mask[i, : x.shape[0]] = True
+        normed = self.text_norm(padded)
+        pooled = self.text_proj_for_sos(normed, mask)
+        gss = self.shared_ada_lin(pooled).view(-1, 1, 6, self.cfg.width)
+        memory = self.text_proj_for_ca(normed)
+        ks, vs = zip(*(b.ca.kv(memory) for b in self.block_list))
+        return InfinityCondition(pooled, gss, list(ks), list(vs), mask)
+
+    def cfg_condition(self, texts: Sequence[torch.Tensor],
+                      negatives: Sequence[torch.Tensor | None] | None = None) -> InfinityCondition:
+        """[cond ; uncond] rows: each request's text, then its negative text or the learned
+        unconditional text cut to the prompt's length."""
+        negatives = negatives or [None] * len(texts)
+        uncond = [self.uncond_text(t.shape[0]) if n is None else n for t, n in zip(texts, negatives)]
+        return self.condition(list(texts) + uncond)
+
+    # ----- pieces shared by teacher forcing, the reference loop and a paged runner ---------
+    def rope(self, schedule: Schedule, full: tuple[int, int]) -> list[torch.Tensor]:
+        """Per-scale RoPE angles (see ``rope_angles``) on the model's device."""
+        return [a.to(self.pos_start.device) for a in rope_angles(self.cfg, schedule, full)]
+
+    def embed_scale(self, si: int, cond: InfinityCondition, next_input: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings entering the blocks at scale ``si``: the pooled text + pos_start at
+        scale 0, else ``word_embed`` of the next-scale input [N, h w, token_bits]; plus the
+        scale's level embedding (added once, before the first block)."""
+        if si == 0:
+            x = cond.pooled.unsqueeze(1) + self.pos_start
+        else:
+            x = self.word_embed(next_input.to(self.word_embed.weight.dtype))
+        return x + self.lvl_embed.weight[si]
+
+    def run_blocks(self, x: torch.Tensor, cond: InfinityCondition, attend: AttendFn,
+                   angles: torch.Tensor) -> torch.Tensor:
+        """All blocks over ``x`` (the tokens of ``angles`` [L, head_dim/2], or [1, T, ...] packed)."""
+        for block in self.block_list:
+            x = block(x, cond, angles, attend)
+        return x
+
+    def logits(self, x: torch.Tensor, cond: InfinityCondition) -> torch.Tensor:
+        """[N, L, 2 token_bits]: logits of bit j are entries 2j (bit 0) and 2j + 1 (bit 1)."""
+        return self.head(self.head_nm(x, cond)).float()
+
+    # ----- teacher forcing -------------------------------------------------------------------
+    def forward(self, cond: InfinityCondition, next_inputs: torch.Tensor, schedule: Schedule,
+                full: tuple[int, int] | None = None) -> torch.Tensor:
+        """Teacher-forced forward over ``schedule`` with the block-causal mask.
+
+        ``next_inputs`` [N, L - 1, token_bits] (the tokenizer's ``teacher_forcing_input``);
+        ``full``: the RoPE reference grid (default the schedule's last grid). Returns logits
+        [N, L, 2 token_bits]; the tokens of scale k are predicted at scale k's positions."""
+        schedule = [tuple(hw) for hw in schedule]
+        full = full or schedule[-1]
+        lens = [h * w for h, w in schedule]
+        n = sum(lens)
+        if next_inputs.shape[1] != n - 1:
+            raise ValueError(f"next_inputs: expected {n - 1} positions, got {next_inputs.shape[1]}")
+        sos = cond.pooled.unsqueeze(1) + self.pos_start
+        x = torch.cat((sos, self.word_embed(next_inputs.to(self.word_embed.weight.dtype))), dim=1)
+        lvl = torch.cat([torch.full((m,), si, dtype=torch.long) for si, m in enumerate(lens)]).to(x.device)
+        x = x + self.lvl_embed(lvl)
+        angles = torch.cat(self.rope(schedule, full))
+        visible = lvl.view(n, 1) >= lvl.view(1, n)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=SelfAttention.softmax_scale)
+
+        return self.logits(self.run_blocks(x, cond, attend, angles), cond)
+
+
+# ----- loading ------------------------------------------------------------------------------
+_BLOCK_KEY = re.compile(r"^(?:blocks\.(\d+)|block_chunks\.(\d+)\.module\.(\d+))\.(.*)$")
+
+
+def _block_layout(sd: dict[str, torch.Tensor], cfg: InfinityConfig) -> dict[str, torch.Tensor]:
+    """Rename block keys between ``blocks.{i}`` and ``block_chunks.{c}.module.{j}`` (the
+    released chunking) to the layout of ``cfg``; a chunked key is read with the chunk size
+    implied by the checkpoint's largest ``j``."""
+    chunked = [m for m in (_BLOCK_KEY.match(k) for k in sd) if m and m.group(2) is not None]
+    per_chunk = 1 + max((int(m.group(3)) for m in chunked), default=0)
+    out = {}
+    for k, v in sd.items():
+        m = _BLOCK_KEY.match(k)
+        if m is None:
+            out[k] = v
+            continue
+        i = int(m.group(1)) if m.group(1) is not None else int(m.group(2)) * per_chunk + int(m.group(3))
+        if cfg.block_chunks == 1:
+            out[f"blocks.{i}.{m.group(4)}"] = v
+        else:
+            n = cfg.blocks_per_chunk
+            out[f"block_chunks.{i // n}.module.{i % n}.{m.group(4)}"] = v
+    return out
+
+
+def load_infinity_state_dict(model: Infinity, sd: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Load a transformer state dict with the released loader's quirks made explicit:
+
+    - ``cfg_uncond`` is cut to the model's ``text_maxlen`` rows, or padded with the model's own
+      rows when the checkpoint has fewer;
+    - the derived buffers ``DERIVED_BUFFERS`` (masks, level ids) are dropped;
+    - block keys are accepted in either layout (``blocks.{i}`` / ``block_chunks.{c}.module.{j}``).
+
+    Everything else is strict: a missing, unexpected or mis-shaped key raises ValueError.
+    Returns what was adjusted ({"dropped": [...], "cfg_uncond": ["trimmed 600 -> 512"]}).
+    """
+    sd = dict(sd)
+    report: dict[str, list[str]] = {"dropped": [], "cfg_uncond": []}
+    for name in DERIVED_BUFFERS:
+        if sd.pop(name, None) is not None:
+            report["dropped"].append(name)
+    if "cfg_uncond" in sd:
+        old, own = sd["cfg_uncond"], model.cfg_uncond.detach()
+        if old.dim() != 2 or old.shape[1] != own.shape[1]:
+            raise ValueError(f"cfg_uncond: expected [*, {own.shape[1]}], got {tuple(old.shape)}")
+        if old.shape[0] > own.shape[0]:
+            sd["cfg_uncond"] = old[: own.shape[0]]
+            report["cfg_uncond"].append(f"trimmed {old.shape[0]} -> {own.shape[0]}")
+        elif old.shape[0] < own.shape[0]:
+            sd["cfg_uncond"] = torch.cat((old.to(own.dtype), own[old.shape[0]:].cpu().to(own.dtype)))
+            report["cfg_uncond"].append(f"padded {old.shape[0]} -> {own.shape[0]} with the model's rows")
+    sd = _block_layout(sd, model.cfg)
+    own_sd = model.state_dict()
+    sd = {k: v.to(own_sd[k].dtype) if k in own_sd and v.is_floating_point() else v for k, v in sd.items()}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"transformer checkpoint does not match Infinity({model.cfg.depth}x{model.cfg.width}): "
+                         f"{e}") from None
+    return report
