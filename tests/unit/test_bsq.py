@@ -12,7 +12,7 @@ from engine.models.bsq import BSQTokenizer, NextScaleState, load_bsq_state_dict
 from engine.models.catalog import get_infinity_spec
 from engine.models.config import BSQConfig
 
-from .conftest import perturb_
+from tests.conftest import perturb_
 
 
 def meta_shapes(cfg: BSQConfig) -> dict[str, tuple[int, ...]]:

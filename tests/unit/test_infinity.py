@@ -16,7 +16,7 @@ from engine.models.registry import LoadedInfinity, build_infinity
 from engine.reference import ContiguousKVCache
 from engine.sampling import guide_constant, make_generator, sample_bits, sample_scale_bits
 
-from .conftest import perturb_
+from tests.conftest import perturb_
 
 
 def meta_state(cfg) -> tuple[dict[str, tuple[int, ...]], Infinity]:

@@ -73,7 +73,7 @@ def test_round_trip_and_old_profiles_unchanged(tmp_path):
     assert data["version"] == 2 and data["base_capacity"] == 650 and sorted(data["capacities"], key=int)[0] == "8"
     back = ScaleProfile.load(path, "infinity-2b", tuple(INF_1M), 32)
     assert back == prof
-    shipped = Path(__file__).resolve().parent.parent / "engine/models/weights/var-tiny/scale_profile.json"
+    shipped = Path(__file__).resolve().parents[2] / "engine/models/weights/var-tiny/scale_profile.json"
     old = ScaleProfile.load(shipped, "var-tiny")
     assert not old.capacities and old.base_capacity is None
     old.save(tmp_path / "old.json")
@@ -144,7 +144,7 @@ def test_engine_runs_an_imported_file(micro_model, tmp_path):
     budgets and equals the dense reference compressed the same way."""
     from engine.api import EngineConfig, ImageEngine
     from memory.policies import make_policy
-    from tests.test_compression_engine import _dense_generate, _reqs, _tokens
+    from tests.unit.test_compression_engine import _dense_generate, _reqs, _tokens
 
     data = {"Scale 4": _entry(2, (0,), 12, 4, 21)}
     src = tmp_path / "micro.json"
