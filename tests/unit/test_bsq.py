@@ -11,7 +11,6 @@ import torch
 from engine.models.bsq import BSQTokenizer, NextScaleState, load_bsq_state_dict
 from engine.models.catalog import get_infinity_spec
 from engine.models.config import BSQConfig
-
 from tests.conftest import perturb_
 
 

@@ -15,7 +15,6 @@ from engine.models.infinity import Infinity, load_infinity_state_dict, star_posi
 from engine.models.registry import LoadedInfinity, build_infinity
 from engine.reference import ContiguousKVCache
 from engine.sampling import guide_constant, make_generator, sample_bits, sample_scale_bits
-
 from tests.conftest import perturb_
 
 
