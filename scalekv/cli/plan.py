@@ -2,7 +2,8 @@
 
 No torch and no weights: shapes come from ``engine.shapes``, the arithmetic from
 ``memory.planner`` (the page math is the memory manager's own). Every list-valued flag
-(``--model``, ``--device``, ``--policy``, ``--kv-budget``) takes several values and the command
+(``--models``, ``--devices``; ``--policies`` and
+``--budgets`` comma-separated, as in ``bench fidelity``) takes several values and the command
 prints one row per combination (``full`` once per model and device, whatever the budgets).
 
 """
@@ -24,6 +25,21 @@ def _default(name: str):
     return next(f.default for f in dataclasses.fields(EngineConfig) if f.name == name)
 
 
+def _policy_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown policies {bad} (available: {', '.join(POLICIES)})")
+    return names
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from engine.shapes import model_shapes
     from memory.planner import DEVICES, DTYPE_BYTES
@@ -31,17 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = shared.add_parser(sub, "plan", "capacity planning: KV memory per request, concurrent requests a device's "
                                        "pool admits, roofline images/s (no GPU needed)",
                           description=__doc__)
-    p.add_argument("--model", nargs="+", default=["infinity-2b"], choices=sorted(model_shapes()), metavar="MODEL",
+    p.add_argument("--models", nargs="+", default=["infinity-2b"], choices=sorted(model_shapes()), metavar="MODEL",
                    help=f"models to plan ({', '.join(sorted(model_shapes()))})")
-    p.add_argument("--device", nargs="+", default=["h100-80gb"], choices=sorted(DEVICES),
+    p.add_argument("--devices", nargs="+", default=["h100-80gb"], choices=sorted(DEVICES),
                    help="device presets (memory as CUDA reports it, dense bf16 FLOP/s, HBM bandwidth)")
     p.add_argument("--device-memory", type=lambda s: parse_bytes(s, "device_memory"), default=None,
                    help="override the device memory, e.g. 80GiB")
     p.add_argument("--peak-flops", type=float, default=None, help="override the device's peak FLOP/s, e.g. 989e12")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="override the memory bandwidth in bytes/s, e.g. 3.35e12")
-    p.add_argument("--policy", nargs="+", default=["full", "scalekv"], choices=list(POLICIES), help="KV policies")
-    p.add_argument("--kv-budget", nargs="+", type=float, default=[0.1],
+    p.add_argument("--policies", type=_policy_list, default="full,scalekv", help="comma-separated KV policies")
+    p.add_argument("--budgets", type=_float_list, default="0.1",
                    help="kept fractions for compressing policies; Infinity at 1024 px 1:1 uses the released "
                         "token budgets (0.04: 265, 0.1: 650, 0.2: 1300 tokens per layer)")
     p.add_argument("--batch", type=int, default=None,
@@ -95,19 +111,19 @@ def _rows(args: argparse.Namespace) -> list:
     from memory.profile import ScaleProfile
 
     out = []
-    for model in args.model:
+    for model in args.models:
         shape = get_shape(model)
         profile = None
-        if "scalekv" in args.policy:
+        if "scalekv" in args.policies:
             profile = ScaleProfile.load(args.profile_path) if args.profile_path else default_profile(model)
-        for dev_name in args.device:
+        for dev_name in args.devices:
             device = _device(args, dev_name)
             combos = []
-            for policy in args.policy:
+            for policy in args.policies:
                 if PLAN_KINDS[policy] == "full":
                     combos.append((policy, 1.0))
                 else:
-                    combos.extend((policy, b) for b in args.kv_budget)
+                    combos.extend((policy, b) for b in args.budgets)
             for policy, budget in combos:
                 if PLAN_KINDS[policy] == "scalekv" and profile is None:
                     print(f"note: {model} has no scale profile, no scalekv rows (pass --profile-path)", file=sys.stderr)
@@ -172,7 +188,7 @@ def _paper_table(args: argparse.Namespace) -> int:
     from memory.planner import paper_memory_table
 
     batch = args.batch or 8
-    tables = {m: paper_memory_table(get_shape(m), batch, args.k_dtype, args.v_dtype) for m in args.model}
+    tables = {m: paper_memory_table(get_shape(m), batch, args.k_dtype, args.v_dtype) for m in args.models}
     if args.json:
         print(json.dumps({"batch": batch, "mib": tables}))
         return 0
