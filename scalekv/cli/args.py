@@ -92,3 +92,22 @@ def set_threads(n: int | None) -> None:
 def class_label(text: str) -> int | str:
     """``--class 3`` or ``--class ring-striped`` (resolved against the model later)."""
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def float_list(text: str) -> list[float]:
+    """``0.04,0.1,0.2`` -> [0.04, 0.1, 0.2] (``--budgets``)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def policy_list(text: str) -> list[str]:
+    """``full,scalekv`` -> ["full", "scalekv"], each a known policy (``--policies``)."""
+    from memory.policy_names import POLICIES
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown policies {bad} (available: {', '.join(POLICIES)})")
+    return names

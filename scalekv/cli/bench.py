@@ -58,32 +58,15 @@ def _positive_float(text: str) -> float:
 
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _policy_names(text: str) -> list[str]:
-    from memory.policy_names import POLICIES
-
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in POLICIES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown policies {bad} (available: {', '.join(POLICIES)})")
-    return names
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     bench = shared.add_parser(sub, "bench", "benchmarks: KV policy fidelity, load tests")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
 
     f = shared.add_parser(bsub, "fidelity", "fidelity of KV policies vs the full cache (PSNR, SSIM, tokens, memory)")
     shared.add_model_args(f)
-    f.add_argument("--policies", type=_policy_names, default=DEFAULT_FIDELITY_POLICIES,
+    f.add_argument("--policies", type=shared.policy_list, default=DEFAULT_FIDELITY_POLICIES,
                    help="comma-separated policies")
-    f.add_argument("--budgets", type=_floats, default="0.04,0.1,0.2",
+    f.add_argument("--budgets", type=shared.float_list, default="0.04,0.1,0.2",
                    help="kv budgets to sweep (the ScaleKV paper's Table 1)")
     f.add_argument("--num", type=int, default=200,
                    help="requests per policy (request i: class i mod classes, seed S+i), the same for every policy")

@@ -16,28 +16,13 @@ import json
 import sys
 
 from engine.config import EngineConfig, parse_bytes
-from memory.policy_names import PLAN_KINDS, POLICIES
+from memory.policy_names import PLAN_KINDS
 
 from . import args as shared
 
 
 def _default(name: str):
     return next(f.default for f in dataclasses.fields(EngineConfig) if f.name == name)
-
-
-def _policy_list(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in POLICIES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown policies {bad} (available: {', '.join(POLICIES)})")
-    return names
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-flops", type=float, default=None, help="override the device's peak FLOP/s, e.g. 989e12")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="override the memory bandwidth in bytes/s, e.g. 3.35e12")
-    p.add_argument("--policies", type=_policy_list, default="full,scalekv", help="comma-separated KV policies")
-    p.add_argument("--budgets", type=_float_list, default="0.1",
+    p.add_argument("--policies", type=shared.policy_list, default="full,scalekv", help="comma-separated KV policies")
+    p.add_argument("--budgets", type=shared.float_list, default="0.1",
                    help="kept fractions for compressing policies; Infinity at 1024 px 1:1 uses the released "
                         "token budgets (0.04: 265, 0.1: 650, 0.2: 1300 tokens per layer)")
     p.add_argument("--batch", type=int, default=None,
@@ -196,20 +181,3 @@ def _paper_table(args: argparse.Namespace) -> int:
     rows = [[m, *(f"{t[k]:,}" if k in t else "-" for k in keys)] for m, t in tables.items()]
     print(_table([f"KV MiB, batch {batch} (x2 CFG rows)", *keys], rows, args.markdown))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m scalekv.cli.plan``) until ``plan`` is registered."""
-    parser = argparse.ArgumentParser(prog="scalekv", formatter_class=shared.Formatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"scalekv: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

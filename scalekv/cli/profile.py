@@ -59,20 +59,3 @@ def cmd_profile_import(args: argparse.Namespace) -> int:
     for line in report.warnings + report.limit_mismatches:
         print(f"warning: {line}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m scalekv.cli.profile import ...``)."""
-    parser = argparse.ArgumentParser(prog="scalekv", formatter_class=shared.Formatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"scalekv: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -158,9 +158,9 @@ def test_non_square_and_lower_resolutions_plan():
 
 
 def test_no_torch_and_cli(tmp_path):
-    code = ("import sys, json; from scalekv.cli.plan import main; "
-            "main(['--paper-table', '--json', '--models', 'infinity-2b', 'infinity-8b']); "
-            "main(['--json', '--models', 'infinity-8b', '--devices', 'h200', '--policies', 'full,scalekv']); "
+    code = ("import sys, json; from scalekv.cli import main; "
+            "main(['plan', '--paper-table', '--json', '--models', 'infinity-2b', 'infinity-8b']); "
+            "main(['plan', '--json', '--models', 'infinity-8b', '--devices', 'h200', '--policies', 'full,scalekv']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     lines = [json.loads(x) for x in out.splitlines()]

@@ -125,17 +125,17 @@ def test_limit_mismatch_is_reported_not_fatal():
 
 
 def test_cli_import(tmp_path, capsys):
-    from scalekv.cli.profile import main
+    from scalekv.cli import main
 
     src = tmp_path / "2b_10%_budget.json"
     src.write_text(json.dumps(RELEASED_2B_10))
     out = tmp_path / "prof.json"
-    assert main(["import", str(src), "--model", "infinity-2b", "--out", str(out), "--json"]) == 0
+    assert main(["profile", "import", str(src), "--model", "infinity-2b", "--out", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["base_capacity"] == 650 and rep["reader_scales"] == [8, 9, 10, 11, 12]
     prof, _ = load_released_budgets(src, "infinity-2b", INF_1M, 32)
     assert ScaleProfile.load(out) == prof and prof.budget_source == src.name
-    assert main(["import", str(tmp_path / "missing.json"), "--model", "infinity-2b", "--out", str(out)]) == 2
+    assert main(["profile", "import", str(tmp_path / "missing.json"), "--model", "infinity-2b", "--out", str(out)]) == 2
 
 
 def test_engine_runs_an_imported_file(micro_model, tmp_path):
