@@ -277,8 +277,10 @@ class ModelRunner:
         idx = torch.tensor(rows, device=k.device)
         qc, kc, vc = q[idx], k[idx], v[idx]
         if hist > 0:
-            table, lens = self.manager.table.block_table_tensor(seqs, layer, device=self.pool.device)
-            kh, vh, _ = gather_kv(self.pool, table, lens)  # a copy: rewriting the pages below is safe
+            table = g.io[layer].table[torch.tensor(rows)] if g.io else \
+                self.manager.table.block_table_tensor(seqs, layer, device=self.pool.device)[0]
+            # host lengths (no device read-back); a copy: rewriting the pages below is safe
+            kh, vh, _ = gather_kv(self.pool, table, [hist] * len(seqs))
             keys = torch.cat([kh.to(device=kc.device, dtype=kc.dtype), kc], dim=2)
             values = torch.cat([vh.to(device=vc.device, dtype=vc.dtype), vc], dim=2)
         else:
