@@ -16,6 +16,7 @@ runner asks which tokens to keep. ``scalekv`` also needs the model's scale profi
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -24,19 +25,38 @@ from pathlib import Path
 import torch
 
 from memory.budgets import BudgetSettings, budget_plan
-from memory.manager import KVPlan, MemoryManager, RequestTooLargeError
+from memory.manager import KVPlan, MemoryManager, RequestTooLargeError, full_plan
 from memory.policies import SelectionPolicy, make_policy
 from memory.policy_names import POLICIES, needs_profile
 from memory.pool import KVPool
 from memory.profile import ScaleProfile
 
 from .config import DEFAULT_CPU_POOL_BYTES, EngineConfig
+from .host_memory import tune_host_malloc
 from .models.registry import LoadedModel, shipped_profile_path
 from .precision import resolve_dtype
 from .reference import image_to_uint8
 from .request import REQUEST_FIELDS, ImageRequest, ImageResult, resolve_class
 from .runner import ModelRunner, RequestState
 from .sampling import make_generator
+
+log = logging.getLogger(__name__)
+
+
+def _cuda_pool(config: EngineConfig, var, kv_dtype: torch.dtype, device: torch.device) -> KVPool:
+    """The CUDA pool: what ``max_running`` requests need at the peak of the full cache (the
+    largest any policy reserves), capped by ``gpu_memory_utilization`` of the free memory."""
+    heads, head_dim = var.num_heads, var.head_dim
+    page = KVPool.bytes_per_page(config.block_size, heads, head_dim, kv_dtype)
+    per_request = 2 * full_plan(var.scale_lengths(), var.depth).peak_pages(config.block_size)
+    need = config.max_running * per_request * page
+    free, _total = torch.cuda.mem_get_info(device)
+    cap = int(free * config.gpu_memory_utilization)
+    nbytes = min(need, cap)
+    log.info("KV pool: %.1f MiB (%d requests x %d pages x %d B = %.1f MiB needed; cap %.2f x %.1f MiB free)",
+             nbytes / 2**20, config.max_running, per_request, page, need / 2**20, config.gpu_memory_utilization,
+             free / 2**20)
+    return KVPool.from_bytes(nbytes, config.block_size, heads, head_dim, kv_dtype, device)
 
 
 class ImageEngine:
@@ -50,9 +70,10 @@ class ImageEngine:
         self.dtype = resolve_dtype(config.dtype, device)  # "auto" -> what this hardware runs fast
         kv_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         heads, head_dim = spec.var.num_heads, spec.var.head_dim
+        if config.host_malloc == "tuned" and device.type == "cpu":
+            tune_host_malloc()
         if device.type == "cuda" and config.kv_pool_bytes is None:
-            self.pool = KVPool.from_gpu_memory(config.gpu_memory_utilization, config.block_size, heads, head_dim,
-                                               kv_dtype, device)
+            self.pool = _cuda_pool(config, spec.var, kv_dtype, device)
         else:
             nbytes = config.kv_pool_bytes or DEFAULT_CPU_POOL_BYTES
             self.pool = KVPool.from_bytes(nbytes, config.block_size, heads, head_dim, kv_dtype, device)

@@ -16,7 +16,8 @@ from typing import Any
 from memory.policy_names import DRAFTER_MODES, POLICIES, SCORE_QUERIES, SCORES
 
 DTYPES = ("auto", "float32", "bfloat16")
-ATTENTION_BACKENDS = ("auto", "torch", "xformers")
+ATTENTION_BACKENDS = ("auto", "torch", "xformers", "varlen", "flashinfer")
+HOST_MALLOC = ("tuned", "system")
 DEFAULT_CPU_POOL_BYTES = 1 << 30
 
 
@@ -29,16 +30,22 @@ class EngineConfig:
     """Memory and throughput knobs (see the module docstring for flags and environment)."""
 
     block_size: int = _knob(16, "tokens per KV page")
-    kv_pool_bytes: int | None = _knob(None, "KV pool size, e.g. 512MiB (default: 1 GiB on CPU; on CUDA from "
-                                            "gpu_memory_utilization)", parse="bytes")
-    gpu_memory_utilization: float = _knob(0.9, "CUDA: fraction of free GPU memory given to the pool")
+    kv_pool_bytes: int | None = _knob(None, "KV pool size, e.g. 512MiB (default: 1 GiB on CPU; on CUDA "
+                                            "max_running full-cache requests, capped by gpu_memory_utilization)",
+                                      parse="bytes")
+    gpu_memory_utilization: float = _knob(0.9, "CUDA: most of the free GPU memory the pool may take")
     max_batch_tokens: int = _knob(16384, "tokens advanced per step, both CFG branches counted")
     max_running: int = _knob(64, "requests admitted at once")
     policy: str = _knob("full", "KV policy of requests that name none", choices=POLICIES)
     kv_budget: float = _knob(1.0, "kept fraction of the KV cache for compressing policies (0.1 = 10%%)")
     dtype: str = _knob("auto", "compute and K/V dtype: auto is bf16 on CUDA and on CPUs with native bf16, "
                                "float32 elsewhere (AVX2 bf16 matmuls are 20-70x slower)", choices=DTYPES)
-    attention_backend: str = _knob("auto", "paged attention backend", choices=ATTENTION_BACKENDS)
+    attention_backend: str = _knob("auto", "paged attention backend: auto = torch SDPA everywhere; flashinfer "
+                                           "(optional extra, CUDA bf16) reads the pool in place; varlen = torch's "
+                                           "varlen_attn for unequal histories (CUDA)", choices=ATTENTION_BACKENDS)
+    host_malloc: str = _knob("tuned", "CPU: tuned raises glibc's mmap/trim thresholds so a step's large temporaries "
+                                      "are reused instead of page-faulted in again (no effect on results); system "
+                                      "leaves the allocator as it is", choices=HOST_MALLOC)
     profile_path: str | None = _knob(None, "scale profile JSON for scalekv (default: the model's shipped one)")
     window_size: int = _knob(16, "observation window of queries (scalekv: a perfect square, grid centres)")
     pool_kernel: int | None = _knob(None, "1-D smoothing kernel of the window scores (odd; default: the "
@@ -76,6 +83,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend: expected one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        if self.host_malloc not in HOST_MALLOC:
+            raise ValueError(f"host_malloc: expected one of {', '.join(HOST_MALLOC)}, got {self.host_malloc!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: unknown policy {self.policy!r} (available: {', '.join(POLICIES)})")
         if self.window_size < 1 or math.isqrt(self.window_size) ** 2 != self.window_size:

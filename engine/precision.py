@@ -9,7 +9,9 @@ so the default, ``auto``, picks bf16 only where it pays and float32 everywhere e
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import weakref
 
 import torch
 
@@ -44,3 +46,33 @@ def autocast_for(dtype: str, device: torch.device | str):
     if kind in ("cpu", "cuda"):
         return torch.autocast(device_type=kind, enabled=False)
     return contextlib.nullcontext()
+
+
+_CAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def casts_weights_once(dtype: str, device: torch.device | str) -> bool:
+    """Inference on CUDA in bf16 runs a bf16 copy of the frozen weights without autocast
+    (autocast re-casts every weight on every call: one cast kernel and one temporary per linear
+    per layer per step). CPU keeps its autocast / fp32 path unchanged."""
+    return torch.device(device).type == "cuda" and resolve_dtype(dtype, device) == "bfloat16"
+
+
+def inference_module(module: torch.nn.Module, dtype: str, device: torch.device | str) -> torch.nn.Module:
+    """The module inference should call: ``module`` itself, or (CUDA + bf16) a bf16 copy of it
+    made once and cached for the module's lifetime. The engine and the reference loop both go
+    through this, so on CUDA they run the same weights."""
+    if not casts_weights_once(dtype, device):
+        return module
+    cast = _CAST.get(module)
+    if cast is None:
+        cast = copy.deepcopy(module).to(torch.bfloat16).eval().requires_grad_(False)
+        _CAST[module] = cast
+    return cast
+
+
+def inference_context(dtype: str, device: torch.device | str):
+    """Autocast for inference, or none where :func:`inference_module` already cast the weights."""
+    if casts_weights_once(dtype, device):
+        return contextlib.nullcontext()
+    return autocast_for(dtype, device)

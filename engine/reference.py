@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .models.registry import LoadedModel
 from .models.vqvae import NextScaleInput
-from .precision import autocast_for
+from .precision import inference_context, inference_module
 from .request import ImageRequest, ImageResult
 from .sampling import make_generator, sample_scale
 
@@ -69,7 +69,9 @@ def run_scales(
     it would have built had it sampled exactly these tokens). Forcing a real image's coarse
     scales and sampling the rest shows at which scales a model loses what the image should be.
     """
-    var, vae, spec = model.var, model.vae, model.spec
+    vae, spec = model.vae, model.spec
+    device = next(model.var.parameters()).device
+    var = inference_module(model.var, dtype, device)  # CUDA + bf16: weights cast once, no autocast
     forced = forced_tokens or []
     if len(forced) > spec.var.num_scales:
         raise ValueError(f"forced_tokens: {len(forced)} scales given, the model has {spec.var.num_scales}")
@@ -77,7 +79,6 @@ def run_scales(
         want = (len(requests), spec.var.patch_nums[si] ** 2)
         if tuple(t.shape) != want:
             raise ValueError(f"forced_tokens[{si}]: expected shape {want}, got {tuple(t.shape)}")
-    device = next(var.parameters()).device
     num_scales, b = spec.var.num_scales, len(requests)
     labels_B2 = torch.tensor([r.class_label for r in requests] + [spec.var.num_classes] * b, device=device)
     generators = [make_generator(r.seed) for r in requests]
@@ -85,7 +86,7 @@ def run_scales(
     state = NextScaleInput(vae.quantize, b, device)
     tokens: list[torch.Tensor] = []
     next_input_BlC = None
-    with autocast_for(dtype, device):
+    with inference_context(dtype, device):
         cond_B2C = var.condition(labels_B2)
         for si in range(num_scales):
             cache.scale_index = si

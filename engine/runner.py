@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memory.attention import gather_kv, paged_attention
+from memory.attention import FlashInferPaged, attend_paged_written, gather_kv, paged_attention, resolve_backend
 from memory.manager import KVPlan, MemoryManager
 from memory.policies import SelectionContext, SelectionPolicy
 from memory.pool import KVPool
 
 from .models.registry import LoadedModel
-from .precision import autocast_for
+from .precision import inference_context, inference_module
 from .request import ImageRequest
 from .sampling import sample_scale
 
@@ -60,9 +60,33 @@ class _Group:
     start: int  # first packed token
     length: int  # tokens per sequence (p^2)
 
+    seq_start: int = 0  # first row of this group in the step's condition / modulation rows
+    io: list[_LayerIO] = field(default_factory=list)  # per layer, built once per step
+
     @property
     def num_tokens(self) -> int:
         return len(self.seqs) * self.length
+
+
+@dataclass
+class _LayerIO:
+    """What one layer of one group reads and writes in this step, prepared before the blocks run.
+
+    ``hist`` are host ints (no device sync to learn a shape). ``table`` [S, P] holds the layer's
+    pages. ``written``: every sequence appends its current tokens and has the same history, so the
+    current K/V are written to their slots (``write_pages``/``write_offsets`` [S, Lq]) *before*
+    attention and attention reads [history; current] from the pages (``gather_ids`` [S * n]:
+    the first n = ceil(total / block) pages of each sequence), with no copy into a scratch
+    buffer. Otherwise the layer runs the general path (gather with masks, write-back after)."""
+
+    hist: list[int]
+    table: torch.Tensor | None = None
+    written: bool = False
+    total: int = 0
+    write_pages: torch.Tensor | None = None
+    write_offsets: torch.Tensor | None = None
+    gather_ids: torch.Tensor | None = None
+    flashinfer: tuple | None = None  # host (qo_indptr, kv_indptr, kv_indices, last_page_len)
 
 
 class ModelRunner:
@@ -73,18 +97,92 @@ class ModelRunner:
         self.cfg = model.spec.var
         self.pool, self.manager = pool, manager
         self.dtype = dtype
-        self.backend = attention_backend
         self.device = next(self.var.parameters()).device
+        self.var = inference_module(self.var, dtype, self.device)  # CUDA + bf16: weights cast once
+        self.backend = resolve_backend(attention_backend, self.device)
         self.softmax_scales = [b.attn.softmax_scale for b in self.var.blocks]
         self._groups: list[_Group] = []
+        self._flashinfer: FlashInferPaged | None = None
+        if self.backend == "flashinfer":
+            self._flashinfer = FlashInferPaged.create(self.device, pool)
 
     def _autocast(self):
-        return autocast_for(self.dtype, self.device)
+        return inference_context(self.dtype, self.device)
+
+    # ----- per-step page bookkeeping (host side, one copy to the device) -----------------------
+    def _prepare(self) -> None:
+        """Build every group's per-layer ``_LayerIO`` for this step: history lengths as host ints,
+        page tables, and for layers that append, the pages they grow into (allocated now, which
+        the plan's reservation covers: a scale holds max(before, after) pages per layer) and the
+        slot mapping of the write. All index tensors are made on the host and moved to the
+        device in one (pinned, non-blocking) copy."""
+        bs, table = self.pool.block_size, self.manager.table
+        host: list[torch.Tensor] = []
+        pending: list[tuple[_LayerIO, str, int, tuple[int, ...]]] = []
+
+        def stage(io: _LayerIO, name: str, t: torch.Tensor) -> None:
+            pending.append((io, name, len(host), tuple(t.shape)))
+            host.append(t.reshape(-1).to(torch.long))
+
+        for g in self._groups:
+            n, si, lq = len(g.states), g.scale, g.length
+            g.io = []
+            for layer in range(self.cfg.depth):
+                hist = [table.num_tokens(seq, layer) for seq in g.seqs]
+                io = _LayerIO(hist=hist)
+                appends = True
+                for i, _seq in enumerate(g.seqs):
+                    st = g.states[i % n]
+                    keep = st.plan.kept[si][layer]
+                    if keep != hist[i] + lq or keep == 0 or (st.policy is not None and st.policy.observes_every_step):
+                        appends = False
+                        break
+                io.written = appends and all(h == hist[0] for h in hist) and self.backend != "xformers"
+                if io.written:
+                    io.total = hist[0] + lq
+                    rows = [self.manager.ensure_capacity(seq, layer, io.total) for seq in g.seqs]
+                else:
+                    rows = [table.pages(seq, layer) for seq in g.seqs]
+                width = max((len(r) for r in rows), default=0)
+                padded = [r + [0] * (width - len(r)) for r in rows]
+                pages = torch.tensor(padded, dtype=torch.long).view(len(rows), width)
+                stage(io, "table", pages)
+                if io.written:
+                    slots = torch.arange(hist[0], io.total)
+                    stage(io, "write_pages", pages[:, slots // bs])
+                    stage(io, "write_offsets", (slots % bs).expand(len(rows), lq))
+                    if hist[0] > 0:
+                        stage(io, "gather_ids", pages[:, : -(-io.total // bs)])
+                        if self._flashinfer is not None:
+                            npg = -(-io.total // bs)
+                            s_ = len(rows)
+                            io.flashinfer = (
+                                torch.arange(s_ + 1, dtype=torch.int32) * lq,
+                                torch.arange(s_ + 1, dtype=torch.int32) * npg,
+                                pages[:, :npg].reshape(-1).to(torch.int32),
+                                torch.full((s_,), io.total - (npg - 1) * bs, dtype=torch.int32),
+                            )
+                g.io.append(io)
+        if not host:
+            return
+        flat = torch.cat(host)
+        if self.pool.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.pool.device, non_blocking=True)
+        offsets = [0]
+        for t in host:
+            offsets.append(offsets[-1] + t.numel())
+        for io, name, k, shape in pending:
+            setattr(io, name, flat[offsets[k] : offsets[k + 1]].view(shape))
 
     # ----- attention through the pool ------------------------------------------------------
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        outs = []
+        """q, k, v [1, H, T, D] of the packed row -> attention output [1, H, T, D] (a view of a
+        token-major buffer, so the caller's transpose back to [1, T, C] needs no copy)."""
         h, d = q.shape[1], q.shape[3]
+        total_tokens = q.shape[2]
+        buf = q.new_empty((1, total_tokens, h, d))
+        kv = self.pool.kv
         for g in self._groups:
             n, lq = len(g.seqs), g.length
 
@@ -92,11 +190,26 @@ class ModelRunner:
                 return t[0, :, g.start : g.start + g.num_tokens].reshape(h, n, lq, d).transpose(0, 1)
 
             qg, kg, vg = part(q), part(k), part(v)
-            table, hist = self.manager.table.block_table_tensor(g.seqs, layer, device=self.pool.device)
-            out = paged_attention(qg, kg, vg, self.pool, table, hist, self.softmax_scales[layer], self.backend)
-            self._write_back(layer, g, kg, vg, hist.tolist(), q=qg)
-            outs.append(out.transpose(0, 1).reshape(h, g.num_tokens, d))
-        return torch.cat(outs, dim=1).unsqueeze(0)
+            io = g.io[layer]
+            scale = self.softmax_scales[layer]
+            if io.written and kg.dtype == kv.dtype:
+                # write the current tokens first; then [history; current] is all in the pages
+                kv[:, 0].index_put_((io.write_pages, io.write_offsets), kg.transpose(1, 2))
+                kv[:, 1].index_put_((io.write_pages, io.write_offsets), vg.transpose(1, 2))
+                if io.hist[0] == 0:
+                    out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+                elif self._flashinfer is not None and io.flashinfer is not None and self._flashinfer.supports(qg):
+                    out = self._flashinfer.attend(qg, self.pool, io.flashinfer, scale)
+                else:
+                    out = attend_paged_written(qg, self.pool, io.gather_ids, io.total, scale)
+                for seq in g.seqs:
+                    self.manager.set_tokens(seq, layer, io.total)
+            else:
+                out = paged_attention(qg, kg, vg, self.pool, io.table, io.hist, scale,
+                                      "torch" if self.backend == "flashinfer" else self.backend)
+                self._write_back(layer, g, kg, vg, io.hist, q=qg)
+            buf[0, g.start : g.start + g.num_tokens].view(n, lq, h, d).copy_(out.transpose(1, 2))
+        return buf.transpose(1, 2)
 
     def _write_back(self, layer: int, g: _Group, k: torch.Tensor, v: torch.Tensor, hist: list[int],
                     q: torch.Tensor | None = None) -> None:
@@ -164,8 +277,10 @@ class ModelRunner:
         idx = torch.tensor(rows, device=k.device)
         qc, kc, vc = q[idx], k[idx], v[idx]
         if hist > 0:
-            table, lens = self.manager.table.block_table_tensor(seqs, layer, device=self.pool.device)
-            kh, vh, _ = gather_kv(self.pool, table, lens)  # a copy: rewriting the pages below is safe
+            table = g.io[layer].table[torch.tensor(rows)] if g.io else \
+                self.manager.table.block_table_tensor(seqs, layer, device=self.pool.device)[0]
+            # host lengths (no device read-back); a copy: rewriting the pages below is safe
+            kh, vh, _ = gather_kv(self.pool, table, [hist] * len(seqs))
             keys = torch.cat([kh.to(device=kc.device, dtype=kc.dtype), kc], dim=2)
             values = torch.cat([vh.to(device=vc.device, dtype=vc.dtype), vc], dim=2)
         else:
@@ -197,6 +312,7 @@ class ModelRunner:
             by_scale.setdefault(st.scale, []).append(st)
         self._groups, xs, conds, start = [], [], [], 0
         with self._autocast():
+            results: dict[int, torch.Tensor] = {}
             for si in sorted(by_scale):
                 sts = by_scale[si]
                 n = len(sts)
@@ -216,18 +332,20 @@ class ModelRunner:
                 conds.append(cond)
             x = torch.cat(xs).unsqueeze(0)
             cond_all = torch.cat(conds)
-            per_seq = torch.tensor([g.length for g in self._groups for _ in g.seqs], device=self.device)
-            tok2seq = torch.repeat_interleave(torch.arange(len(per_seq), device=self.device), per_seq)
-            for block in var.blocks:
-                mods = block.ada_lin(cond_all).view(-1, 6, cfg.width)[tok2seq].unsqueeze(0)
-                x = block.forward_modulated(x, mods, None, self._attend)
-            results: dict[int, torch.Tensor] = {}
             seq_off = 0
+            for g in self._groups:
+                g.seq_start = seq_off
+                seq_off += len(g.seqs)
+            segments = [(g.start, g.seq_start, len(g.seqs), g.length) for g in self._groups]
+            self._prepare()
+            for block in var.blocks:
+                mods = block.ada_lin(cond_all).view(-1, 6, cfg.width)  # per sequence, not per token
+                x = block.forward_segments(x, mods, segments, self._attend)
+            step_tokens: list[torch.Tensor] = []
             for g in self._groups:
                 n2 = len(g.seqs)
                 xg = x[0, g.start : g.start + g.num_tokens].reshape(n2, g.length, -1)
-                logits = var.logits(xg, cond_all[seq_off : seq_off + n2])
-                seq_off += n2
+                logits = var.logits(xg, cond_all[g.seq_start : g.seq_start + n2])
                 n = len(g.states)
                 reqs = [s.request for s in g.states]
                 gens = [s.generator for s in g.states]
@@ -236,9 +354,16 @@ class ModelRunner:
                 for i, st in enumerate(g.states):
                     st.f_hat = f_hat[i : i + 1]
                     st.next_input = None if nxt is None else nxt[i : i + 1]
-                    st.tokens.append(idx[i].cpu())
                     st.scale += 1
                     results[id(st)] = idx[i]
+                step_tokens.append(idx.reshape(-1))
+            # one device-to-host copy of every token of the step, split on the host
+            host = torch.cat(step_tokens).cpu()
+            off = 0
+            for g in self._groups:
+                for st in g.states:
+                    st.tokens.append(host[off : off + g.length])
+                    off += g.length
         self._groups = []
         return [results[id(st)] for st in states]
 

@@ -82,13 +82,41 @@ def sample_scale(
     scale_index: int,
     num_scales: int,
 ) -> torch.Tensor:
-    """Guided sampling of one scale for a batch of requests: logits [B, p^2, V] -> tokens [B, p^2]."""
-    out = []
-    for b, req in enumerate(requests):
-        t = guidance_weight(float(req.cfg), scale_index, num_scales)
-        row = filter_logits(guide(logits_cond[b], logits_uncond[b], t), int(req.top_k), float(req.top_p))
-        out.append(sample_from_logits(row, generators[b]))
-    return torch.stack(out)
+    """Guided sampling of one scale for a batch of requests: logits [B, p^2, V] -> tokens [B, p^2].
+
+    Batched across requests (one guidance, one filter per distinct (top_k, top_p), one softmax,
+    one lookup) with one host-to-device copy of the uniforms and no device-to-host copy; each
+    request still draws its own ``p^2`` uniforms from its own generator, exactly as a per-request
+    loop does, and every operation here is row-wise, so the tokens are those of sampling each
+    request alone (``tests/test_sampling.py`` checks this against the loop)."""
+    b, n, v = logits_cond.shape
+    if b != len(requests) or b != len(generators):
+        raise ValueError(f"{b} logit rows for {len(requests)} requests and {len(generators)} generators")
+    device = logits_cond.device
+    ts = [guidance_weight(float(r.cfg), scale_index, num_scales) for r in requests]
+    # (1 + t) and t as float32 tensors: the same per-element products as Python-float scalars
+    # (a CPU scalar operand of a float32 op is rounded to float32 before it multiplies).
+    coef = torch.tensor([[1 + t for t in ts], ts], dtype=logits_cond.dtype)
+    # one uniform vector per request, drawn from its generator on the host as before
+    u = torch.cat([torch.rand(n, 1, generator=g, device="cpu") for g in generators]) if b else torch.empty(0, 1)
+    if device.type == "cuda":
+        coef, u = coef.pin_memory(), u.pin_memory()
+    coef = coef.to(device, non_blocking=True)
+    u = u.to(device, non_blocking=True)
+    guided = coef[0].view(b, 1, 1) * logits_cond - coef[1].view(b, 1, 1) * logits_uncond
+    filt = [(int(r.top_k), float(r.top_p)) for r in requests]
+    if len(set(filt)) <= 1:
+        k, p = filt[0] if filt else (0, 0.0)
+        rows = filter_logits(guided.reshape(b * n, v), k, p)
+    else:  # requests with different filters: one batched call per distinct filter
+        rows = torch.empty((b, n, v), dtype=torch.float32, device=device)
+        for key in dict.fromkeys(filt):
+            idx = [i for i, f in enumerate(filt) if f == key]
+            sel = torch.tensor(idx, device=device) if len(idx) < b else slice(None)
+            rows[sel] = filter_logits(guided[sel].reshape(len(idx) * n, v), *key).view(len(idx), n, v)
+        rows = rows.view(b * n, v)
+    cdf = rows.float().softmax(dim=-1).cumsum(dim=-1)
+    return pick_from_cdf(cdf, u * cdf[:, -1:]).view(b, n)
 
 
 def make_generator(seed: int) -> torch.Generator:

@@ -11,11 +11,29 @@ Backends:
 - ``torch``: gather the pages into a dense ``[S, H, L, D]`` tensor, append the current tokens and
   call ``F.scaled_dot_product_attention``. Works everywhere; the reference and CPU path.
 - ``xformers``: CUDA only. The gathered keys of all sequences are packed without padding and a
-  ``BlockDiagonalMask`` keeps each sequence's queries on its own keys.
+  ``BlockDiagonalMask`` keeps each sequence's queries on its own keys. Optional; never picked by
+  ``auto`` (on VAR's shapes it only adds the packing copies to what SDPA does).
+- ``varlen``: torch's own ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA) over keys packed
+  without padding, for groups whose histories differ in length; SDPA everywhere else and
+  wherever it is not available.
+- ``flashinfer``: the runner's written path (current tokens stored in the pages first) reads the
+  pool in place with FlashInfer's ``BatchPrefillWithPagedKVCacheWrapper``: the pool's
+  ``[pages, 2, block, heads, head_dim]`` tensor is exactly its NHD paged layout, so no gather at
+  all. Optional extra (``pip install flashinfer-python``); bf16/fp16 on CUDA only, falls back to
+  the torch path when not importable or for other dtypes.
+
+``auto`` is ``torch`` (SDPA) on every device.
+
+When every sequence of a group appends to the same history length, the runner writes the
+current tokens into their pages before attention and reads [history; current] back with one
+``index_select`` per K and V into a token-major buffer that SDPA takes as a strided view
+(:func:`attend_paged_written`): one copy of the keys, as many as the reference loop's
+``torch.cat``, instead of a gather plus a copy into a [history; current] buffer.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -25,15 +43,19 @@ from memory.pool import KVPool
 
 __all__ = [
     "BACKENDS",
+    "FlashInferPaged",
+    "attend_paged_written",
     "dense_attention",
+    "flashinfer_available",
     "gather_kv",
     "paged_attention",
     "resolve_backend",
+    "varlen_available",
     "write_kv",
     "xformers_available",
 ]
 
-BACKENDS = ("auto", "torch", "xformers")
+BACKENDS = ("auto", "torch", "xformers", "varlen", "flashinfer")
 
 
 # --------------------------------------------------------------------------- pool I/O
@@ -129,23 +151,31 @@ def gather_kv(
 def _gather_with_current(
     pool: KVPool, block_table: torch.Tensor, hist: int, k_cur: torch.Tensor, v_cur: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast path for equal history lengths: K/V ``[S, H, hist + Lq, D]`` built with one gather and
-    one strided copy into a preallocated buffer (instead of gather, reshape copy, then cat)."""
+    """Fast path for equal history lengths: K/V ``[S, H, hist + Lq, D]`` with one copy of the
+    history. Whole pages are indexed straight into a token-major buffer ``[S, width, H, D]``
+    (``aten.index`` with ``out=`` a strided view: no intermediate gather tensor), the current
+    tokens then overwrite the unused tail of the last page, and K/V are returned as strided
+    ``[S, H, hist + Lq, D]`` views, which SDPA reads as they are (same numbers as contiguous)."""
     s, h, lq, d = k_cur.shape
     bs = pool.block_size
     n_pages = -(-hist // bs)
     if n_pages > block_table.shape[1]:
         raise ValueError(f"lengths {[hist] * s} exceed the block table capacity of {block_table.shape[1]} pages "
                          f"x {bs} tokens")
-    ids = block_table[:, :n_pages].reshape(-1).to(device=pool.device, dtype=torch.long)
-    g = pool.kv.index_select(0, ids).view(s, n_pages, 2, bs, h, d).permute(2, 0, 4, 1, 3, 5)
-    # Whole pages land in the buffer; the current tokens then overwrite the unused tail of the
-    # last page, and the final slice drops whatever is left of it.
-    out = k_cur.new_empty((2, s, h, n_pages * bs + lq, d))
-    out[:, :, :, : n_pages * bs].view(2, s, h, n_pages, bs, d).copy_(g)
-    out[0, :, :, hist : hist + lq].copy_(k_cur)
-    out[1, :, :, hist : hist + lq].copy_(v_cur)
-    return out[0, :, :, : hist + lq], out[1, :, :, : hist + lq]
+    ids = block_table[:, :n_pages].to(device=pool.device, dtype=torch.long)
+    width = max(n_pages * bs, hist + lq)
+    out = []
+    for kind, cur in ((0, k_cur), (1, v_cur)):
+        buf = cur.new_empty((s, width, h, d))
+        src = pool.kv[:, kind]
+        dst = buf[:, : n_pages * bs].unflatten(1, (n_pages, bs))
+        if src.dtype == buf.dtype:
+            torch.ops.aten.index.Tensor_out(src, [ids], out=dst)
+        else:
+            dst.copy_(src[ids])
+        buf[:, hist : hist + lq].copy_(cur.transpose(1, 2))
+        out.append(buf[:, : hist + lq].transpose(1, 2))
+    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------ backends
@@ -158,14 +188,112 @@ def xformers_available() -> bool:
     return True
 
 
+def flashinfer_available() -> bool:
+    """Whether ``flashinfer`` imports (an optional CUDA extra)."""
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def varlen_available(device: torch.device | str) -> bool:
+    """Whether torch's ``varlen_attn`` exists here and can run on ``device`` (CUDA only)."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Map a backend name to the one that will run; ``auto`` prefers xformers on CUDA."""
+    """Map a backend name to the one that will run. ``auto`` is SDPA (``torch``) everywhere;
+    ``flashinfer`` and ``varlen`` fall back to ``torch`` where they cannot run (not importable,
+    not CUDA), so a config naming them still serves."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        on_cuda = torch.device(device).type == "cuda"
-        return "xformers" if on_cuda and xformers_available() else "torch"
+        return "torch"
+    if backend == "flashinfer" and not (torch.device(device).type == "cuda" and flashinfer_available()):
+        return "torch"
+    if backend == "varlen" and not varlen_available(device):
+        return "torch"
     return backend
+
+
+def attend_paged_written(q: torch.Tensor, pool: KVPool, gather_ids: torch.Tensor, total: int,
+                         scale: float) -> torch.Tensor:
+    """Attention of ``q`` [S, H, Lq, D] over ``total`` tokens per sequence that are all in the
+    pages already (history, then the current tokens written just before).
+
+    ``gather_ids`` [S, n] (or flat): each sequence's first n = ceil(total / block) pages. One
+    index per K and V lands them token-major ([S, n * block, H, D]); SDPA reads the
+    first ``total`` tokens as a strided [S, H, total, D] view, so no second copy is made. Same
+    numbers as SDPA over the contiguous [history; current] tensors (SDPA's kernels index by
+    stride; ``tests/test_paged_attention.py`` checks equality)."""
+    s, h, _lq, d = q.shape
+    bs = pool.block_size
+    ids = gather_ids.reshape(s, -1)
+    n = ids.shape[1]
+    # advanced indexing of whole pages: [S, n, bs, H, D], contiguous = token-major [S, n * bs, H, D]
+    k = pool.kv[:, 0][ids].view(s, n * bs, h, d)[:, :total].transpose(1, 2)
+    v = pool.kv[:, 1][ids].view(s, n * bs, h, d)[:, :total].transpose(1, 2)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+class FlashInferPaged:
+    """FlashInfer's paged prefill over the pool, in place (no gather).
+
+    Written against FlashInfer's documented API: ``BatchPrefillWithPagedKVCacheWrapper(workspace,
+    kv_layout="NHD")``, ``plan(qo_indptr, paged_kv_indptr, paged_kv_indices,
+    paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, causal=False,
+    sm_scale=..., q_data_type=..., kv_data_type=...)`` then ``run(q [nnz, H, D], kv_cache)`` with
+    ``kv_cache`` [max_pages, 2, page_size, H, D] (NHD), which is ``KVPool.kv`` as it is. Index
+    tensors are int32; ``plan`` takes them on the host (it copies them to the device itself).
+    Older FlashInfer versions name the two calls ``begin_forward`` / ``forward``.
+    """
+
+    WORKSPACE_BYTES = 128 << 20
+    HEAD_DIMS = (64, 128, 256)
+
+    def __init__(self, wrapper) -> None:
+        self.wrapper = wrapper
+
+    @classmethod
+    def create(cls, device: torch.device, pool: KVPool) -> FlashInferPaged | None:
+        """A wrapper on ``device``, or None where FlashInfer cannot run (the runner then uses SDPA)."""
+        if torch.device(device).type != "cuda" or not flashinfer_available():
+            return None
+        if pool.head_dim not in cls.HEAD_DIMS or pool.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        import flashinfer
+
+        workspace = torch.empty(cls.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        return cls(flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD"))
+
+    def supports(self, q: torch.Tensor) -> bool:
+        return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in self.HEAD_DIMS
+
+    def attend(self, q: torch.Tensor, pool: KVPool, meta: tuple, scale: float) -> torch.Tensor:
+        """q [S, H, Lq, D]; ``meta`` = host int32 (qo_indptr [S+1], kv_indptr [S+1] in pages,
+        kv_indices [sum pages], last_page_len [S]). Returns [S, H, Lq, D]."""
+        s, h, lq, d = q.shape
+        qo_indptr, kv_indptr, kv_indices, last_len = meta
+        w = self.wrapper
+        kw = dict(causal=False, sm_scale=float(scale), q_data_type=q.dtype, kv_data_type=pool.dtype)
+        if hasattr(w, "plan"):
+            w.plan(qo_indptr, kv_indptr, kv_indices, last_len, h, pool.num_heads, d, pool.block_size, **kw)
+            run = w.run
+        else:  # FlashInfer < 0.2
+            w.begin_forward(qo_indptr, kv_indptr, kv_indices, last_len, h, pool.num_heads, d, pool.block_size)
+            run = w.forward
+        packed = q.transpose(1, 2).reshape(s * lq, h, d)
+        out = run(packed, pool.kv) if hasattr(w, "plan") else run(packed, pool.kv, causal=False, sm_scale=float(scale))
+        return out.view(s, lq, h, d).transpose(1, 2)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -241,6 +369,32 @@ def _attention_xformers(
     return out.reshape(s, lq, h, d).transpose(1, 2)
 
 
+def _attention_varlen(
+    q: torch.Tensor,
+    k_cur: torch.Tensor,
+    v_cur: torch.Tensor,
+    k_hist: torch.Tensor,
+    v_hist: torch.Tensor,
+    hist_mask: torch.Tensor,
+    hist: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Unequal histories with torch's ``varlen_attn``: keys of all sequences packed without
+    padding ([sum(kv), H, D]) and cumulative lengths; queries packed [S * Lq, H, D]."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    s, h, lq, d = q.shape
+    k = torch.cat([k_hist.to(q.dtype), k_cur], dim=2).transpose(1, 2)  # [S, Lh + Lq, H, D]
+    v = torch.cat([v_hist.to(q.dtype), v_cur], dim=2).transpose(1, 2)
+    valid = torch.cat([hist_mask, hist_mask.new_ones((s, lq))], dim=1)
+    lens = [n + lq for n in hist]
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32).to(q.device, non_blocking=True)
+    cu_q = torch.arange(0, (s + 1) * lq, lq, dtype=torch.int32).to(q.device, non_blocking=True)
+    out = varlen_attn(q.transpose(1, 2).reshape(s * lq, h, d), k[valid], v[valid], cu_q, cu_k, lq, max(lens),
+                      scale=scale)
+    return out.view(s, lq, h, d).transpose(1, 2)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cur: torch.Tensor,
@@ -275,13 +429,15 @@ def paged_attention(
     if len(hist) != s:
         raise ValueError(f"hist_lens has {len(hist)} entries for {s} sequences")
     equal = all(n == hist[0] for n in hist)
-    if name == "torch" and equal and hist[0] > 0:
+    if name in ("torch", "varlen", "flashinfer") and equal and hist[0] > 0:
         k, v = _gather_with_current(pool, block_table, hist[0], k_cur, v_cur)
         return F.scaled_dot_product_attention(q, k, v, scale=scale).to(q.dtype)
     k_hist, v_hist, hist_mask = gather_kv(pool, block_table, hist)
     k_hist, v_hist, hist_mask = k_hist.to(q.device), v_hist.to(q.device), hist_mask.to(q.device)
 
-    if name == "xformers":
+    if name == "varlen" and not equal:
+        out = _attention_varlen(q, k_cur, v_cur, k_hist, v_hist, hist_mask, hist, scale)
+    elif name == "xformers":
         if q.device.type != "cuda":
             raise ValueError(f"attention backend 'xformers' needs CUDA tensors, got device {q.device}")
         if not xformers_available():

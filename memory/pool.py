@@ -58,9 +58,11 @@ class KVPool:
         self.head_dim = _positive_int("head_dim", head_dim)
         self.dtype = dtype
         self.device = torch.device(device)
-        # Zero-filled (not empty) so pages never written hold finite values: padded slots read by
-        # a gather are masked, but a NaN there would still poison a masked softmax.
-        self.kv = torch.zeros(
+        # Left uninitialised (touched lazily: zero-filling 1 GiB cost ~1 s per engine). Nothing
+        # reads a slot before writing it: attention slices each history to its length, and the
+        # masked gather (``gather_kv``) zeroes padded slots itself, so stale or NaN contents of
+        # never-written pages cannot reach a softmax.
+        self.kv = torch.empty(
             (num_pages, 2, block_size, num_heads, head_dim), dtype=dtype, device=self.device
         )
         # Reversed so the first allocations hand out low page ids (nicer to read in debugging).

@@ -131,6 +131,55 @@ class AdaLNSelfAttn(nn.Module):
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (s2 + 1) + sh2) * g2)
         return x
 
+    def forward_segments(
+        self,
+        x: torch.Tensor,
+        mods: torch.Tensor,
+        segments: list[tuple[int, int, int, int]],
+        attend: AttendFn,
+    ) -> torch.Tensor:
+        """Inference form of :meth:`forward_modulated` for packed rows (the paged runner).
+
+        ``x`` [1, T, C] holds the tokens of many sequences back to back; ``segments`` lists
+        ``(token_start, seq_start, num_seqs, tokens_per_seq)`` runs of equal-length sequences and
+        ``mods`` [N, 6, C] the AdaLN parameters of each sequence. Each run's parameters broadcast
+        over its tokens as ``[n, 1, C]`` (no per-token copy of them), and the modulate / gate /
+        residual steps run in place on fresh outputs. Every element sees exactly the operations
+        of ``forward_modulated`` in the same order, so the result is bit-identical to it (and to
+        the reference loop). Eval only (no drop path)."""
+        m = [t.unsqueeze(1) for t in mods.unbind(1)]  # 6 x [N, 1, C]
+        g1, g2, s1, s2, sh1, sh2 = m
+        s1p, s2p = s1 + 1, s2 + 1
+
+        def runs(*ts: torch.Tensor):
+            for tok, seq, n, length in segments:
+                yield [t[0, tok : tok + n * length].view(n, length, t.shape[-1]) for t in ts], slice(seq, seq + n)
+
+        def modulate(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+            dt = torch.promote_types(torch.promote_types(h.dtype, scale.dtype), shift.dtype)
+            out = h if dt == h.dtype else torch.empty(h.shape, dtype=dt, device=h.device)
+            for (hv, ov), rows in runs(h, out):
+                torch.mul(hv, scale[rows], out=ov).add_(shift[rows])  # (h * scale) + shift, as in the reference
+            return out
+
+        def gate_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            dt = torch.promote_types(y.dtype, gate.dtype)
+            out = y if dt == y.dtype else torch.empty(y.shape, dtype=dt, device=y.device)
+            for (yv, ov), rows in runs(y, out):
+                torch.mul(yv, gate[rows], out=ov)
+            return x.add_(out) if torch.promote_types(x.dtype, dt) == x.dtype else x + out
+
+        h = modulate(self.ln_wo_grad(x), s1p, sh1)
+        x = gate_add(x, self.attn(h, None, attend), g1)
+        h = modulate(self.ln_wo_grad(x), s2p, sh2)
+        hidden = self.ffn.fc1(h)
+        if torch.is_autocast_enabled(hidden.device.type):  # autocast may pick gelu's dtype: keep its op
+            act = F.gelu(hidden, approximate="tanh")
+        else:
+            act = torch.ops.aten.gelu_(hidden, approximate="tanh")
+        x = gate_add(x, self.ffn.fc2(act), g2)
+        return x
+
 
 class AdaLNBeforeHead(nn.Module):
     def __init__(self, width: int, eps: float) -> None:

@@ -202,3 +202,33 @@ def test_xformers_matches_torch(hist_lens: list[int], dtype: torch.dtype) -> Non
     assert out.shape == ref.shape and out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert (out.float() - ref.float()).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_over_written_pages_is_bit_identical_to_sdpa_over_cat(dtype: torch.dtype) -> None:
+    """The runner's written path: current tokens stored in the pages first, [history; current]
+    read back as a strided token-major view. Must equal SDPA over the reference loop's contiguous
+    ``torch.cat`` exactly (not just closely): the engine == reference contract depends on it."""
+    import torch.nn.functional as F
+
+    from memory.attention import _gather_with_current, attend_paged_written
+
+    rng = random.Random(3)
+    s, h, d, bs, hist, lq = 3, 2, 16, 4, 13, 9
+    pool = fragmented_pool(rng, 64, bs, h, d)
+    pool.kv = pool.kv.to(dtype)
+    pool.dtype = dtype
+    gen = torch.Generator().manual_seed(0)
+    kh, vh, kc, vc = (torch.randn(s, h, n, d, generator=gen).to(dtype) for n in (hist, hist, lq, lq))
+    q = torch.randn(s, h, lq, d, generator=gen).to(dtype)
+    table = []
+    for i in range(s):
+        pages = pool.allocate(-(-(hist + lq) // bs))
+        k_all, v_all = torch.cat([kh[i], kc[i]], 1), torch.cat([vh[i], vc[i]], 1)
+        write_kv(pool, pages, k_all.transpose(0, 1), v_all.transpose(0, 1))
+        table.append(pages)
+    want = F.scaled_dot_product_attention(q, torch.cat([kh, kc], 2), torch.cat([vh, vc], 2), scale=0.3)
+    got = attend_paged_written(q, pool, torch.tensor(table), hist + lq, 0.3)
+    assert torch.equal(got, want)
+    k, v = _gather_with_current(pool, torch.tensor(table), hist, kc, vc)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, scale=0.3), want)

@@ -21,7 +21,21 @@ def test_shape_dtype_and_page_bytes() -> None:
     assert pool.kv.dtype == torch.float16
     assert pool.page_bytes == 2 * 4 * 3 * 8 * 2
     assert pool.total_bytes == 5 * pool.page_bytes
-    assert torch.count_nonzero(pool.kv) == 0
+
+
+def test_unwritten_pages_never_reach_a_gather() -> None:
+    """The pool is left uninitialised (torch.empty): fill it with NaN and check that a masked
+    gather of unequal histories returns finite values with zeros in the padded slots."""
+    from memory.attention import gather_kv, write_kv
+
+    pool = KVPool(6, 4, num_heads=2, head_dim=4)
+    pool.kv.fill_(float("nan"))
+    a, b = pool.allocate(2), pool.allocate(1)
+    write_kv(pool, a, torch.ones(6, 2, 4), torch.ones(6, 2, 4))
+    write_kv(pool, b, torch.ones(3, 2, 4), torch.ones(3, 2, 4))
+    k, v, mask = gather_kv(pool, torch.tensor([a, b + [0]]), [6, 3])
+    assert torch.isfinite(k).all() and torch.isfinite(v).all()
+    assert mask.sum().item() == 9 and k[1, :, 3:].abs().sum() == 0
 
 
 def test_allocate_free_round_trip() -> None:
