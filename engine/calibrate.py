@@ -44,16 +44,17 @@ class ASIRecorder(ContiguousKVCache):
 
     def __init__(self, model: LoadedModel, num_queries: int, topk_ratio: float, seed: int) -> None:
         super().__init__(model)
-        cfg = model.spec.var
+        var_config = model.spec.var
         self.num_queries, self.topk_ratio = num_queries, topk_ratio
         self.scale_index = 0
-        k, depth = cfg.num_scales, cfg.depth
+        k, depth = var_config.num_scales, var_config.depth
         self.current_mass = torch.zeros(k, depth, dtype=torch.float64)
         self.history_topk = torch.zeros(k, depth, dtype=torch.float64)
         self.calls = torch.zeros(k, depth, dtype=torch.float64)
         gen = torch.Generator().manual_seed(seed)
         # the same sampled query positions for every layer and request of a scale
-        self.queries = [torch.randperm(n, generator=gen)[: num_queries].sort().values for n in cfg.scale_lengths()]
+        self.queries = [torch.randperm(n, generator=gen)[: num_queries].sort().values
+                        for n in var_config.scale_lengths()]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         hist = 0 if self.k[layer] is None else self.k[layer].shape[2]
@@ -108,18 +109,18 @@ def calibrate(
     the model's default sampling) and derive the profile. ``num_drafters`` defaults to one per
     scale that has a history (``num_scales - 1``)."""
     spec = model.spec
-    cfg = spec.var
+    var_config = spec.var
     if num_requests < 1:
         raise ValueError(f"num_requests: must be >= 1, got {num_requests}")
     if num_queries < 1:
         raise ValueError(f"num_queries: must be >= 1, got {num_queries}")
     if not 0 < topk_ratio <= 1:
         raise ValueError(f"topk_ratio: must be in (0, 1], got {topk_ratio}")
-    pairs = (cfg.num_scales - 1) * cfg.depth
-    n_d = cfg.num_scales - 1 if num_drafters is None else num_drafters
+    pairs = (var_config.num_scales - 1) * var_config.depth
+    n_d = var_config.num_scales - 1 if num_drafters is None else num_drafters
     if not 0 <= n_d <= pairs:
         raise ValueError(f"num_drafters: must be in 0..{pairs} ((scales - 1) x layers), got {n_d}")
-    reqs = [ImageRequest(class_label=i % cfg.num_classes, seed=seed + i, cfg=spec.default_cfg,
+    reqs = [ImageRequest(class_label=i % var_config.num_classes, seed=seed + i, cfg=spec.default_cfg,
                          top_k=spec.default_top_k, top_p=spec.default_top_p) for i in range(num_requests)]
     rec = ASIRecorder(model, num_queries, topk_ratio, seed)
     run_scales(model, reqs, cache=rec, dtype=dtype)
@@ -135,7 +136,7 @@ def calibrate(
     def table(t: torch.Tensor) -> tuple[tuple[float, ...], ...]:
         return tuple(tuple(round(float(x), 8) for x in row) for row in t.tolist())  # as stored in JSON
 
-    return ScaleProfile(model=spec.name, patch_nums=tuple(cfg.patch_nums), depth=cfg.depth,
+    return ScaleProfile(model=spec.name, patch_nums=tuple(var_config.patch_nums), depth=var_config.depth,
                         drafters=tuple(tuple(d) for d in drafters), asi=table(asi), zscore=table(z),
                         current_mass=table(cur), history_topk=table(top), settings=settings)
 

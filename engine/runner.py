@@ -94,7 +94,7 @@ class ModelRunner:
                  attention_backend: str = "torch") -> None:
         self.model = model
         self.var, self.vae = model.var, model.vae
-        self.cfg = model.spec.var
+        self.config = model.spec.var
         self.pool, self.manager = pool, manager
         self.dtype = dtype
         self.device = next(self.var.parameters()).device
@@ -127,7 +127,7 @@ class ModelRunner:
         for g in self._groups:
             n, si, lq = len(g.states), g.scale, g.length
             g.io = []
-            for layer in range(self.cfg.depth):
+            for layer in range(self.config.depth):
                 hist = [table.num_tokens(seq, layer) for seq in g.seqs]
                 io = _LayerIO(hist=hist)
                 appends = True
@@ -285,7 +285,7 @@ class ModelRunner:
             values = torch.cat([vh.to(device=vc.device, dtype=vc.dtype), vc], dim=2)
         else:
             keys, values = kc, vc
-        ctx = SelectionContext(layer=layer, scale=g.scale, side=self.cfg.patch_nums[g.scale], hist_len=hist,
+        ctx = SelectionContext(layer=layer, scale=g.scale, side=self.config.patch_nums[g.scale], hist_len=hist,
                                capacity=keep, softmax_scale=float(self.softmax_scales[layer]), seqs=tuple(seqs))
         chosen = policy.select(ctx, qc, keys)
         if chosen is None:  # an observing policy that evicts nothing at this scale
@@ -306,7 +306,7 @@ class ModelRunner:
     def step(self, states: list[RequestState]) -> list[torch.Tensor]:
         """Run the next scale of every request in ``states``; returns each request's sampled
         tokens [p^2] and advances its state (scale, f_hat, next input)."""
-        var, cfg = self.var, self.cfg
+        var, var_config = self.var, self.config
         by_scale: dict[int, list[RequestState]] = {}
         for st in states:
             by_scale.setdefault(st.scale, []).append(st)
@@ -316,7 +316,7 @@ class ModelRunner:
             for si in sorted(by_scale):
                 sts = by_scale[si]
                 n = len(sts)
-                labels = torch.tensor([s.request.class_label for s in sts] + [cfg.num_classes] * n,
+                labels = torch.tensor([s.request.class_label for s in sts] + [var_config.num_classes] * n,
                                       device=self.device)
                 cond = var.condition(labels)
                 nxt = None
@@ -339,7 +339,7 @@ class ModelRunner:
             segments = [(g.start, g.seq_start, len(g.seqs), g.length) for g in self._groups]
             self._prepare()
             for block in var.blocks:
-                mods = block.ada_lin(cond_all).view(-1, 6, cfg.width)  # per sequence, not per token
+                mods = block.ada_lin(cond_all).view(-1, 6, var_config.width)  # per sequence, not per token
                 x = block.forward_segments(x, mods, segments, self._attend)
             step_tokens: list[torch.Tensor] = []
             for g in self._groups:
@@ -349,7 +349,7 @@ class ModelRunner:
                 n = len(g.states)
                 reqs = [s.request for s in g.states]
                 gens = [s.generator for s in g.states]
-                idx = sample_scale(logits[:n], logits[n:], reqs, gens, g.scale, cfg.num_scales).to(self.device)
+                idx = sample_scale(logits[:n], logits[n:], reqs, gens, g.scale, var_config.num_scales).to(self.device)
                 f_hat, nxt = self.vae.quantize.advance(torch.cat([s.f_hat for s in g.states]), g.scale, idx)
                 for i, st in enumerate(g.states):
                     st.f_hat = f_hat[i : i + 1]

@@ -46,7 +46,7 @@ def restart_dead_codes(vae: VQVAE, latents: torch.Tensor, threshold: float, gen:
     """Replace codes whose EMA hit rate (max over scales) is below ``threshold / V`` by random
     latent vectors of the batch (plus a little noise). Returns the number restarted."""
     q = vae.quantize
-    v = q.cfg.vocab_size
+    v = q.config.vocab_size
     usage = q.ema_vocab_hit_SV.max(dim=0).values
     dead = (usage < threshold / v).nonzero().flatten()
     if dead.numel() == 0:
@@ -64,10 +64,10 @@ def evaluate_tokenizer(vae: VQVAE, num_images: int = 1000, batch: int = 100, dty
     """Reconstruction PSNR on held-out images (seed ``EVAL_SEED``) and per-scale codebook usage."""
     was_training = vae.training
     vae.eval()
-    scores, used = [], [set() for _ in vae.cfg.patch_nums]
+    scores, used = [], [set() for _ in vae.config.patch_nums]
     for start in range(0, num_images, batch):
         imgs, _ = render_batch(EVAL_SEED, start, min(batch, num_images - start))
-        x = to_model_input(imgs, vae.cfg.image_size)
+        x = to_model_input(imgs, vae.config.image_size)
         with autocast_for(dtype, "cpu"):
             idx = vae.img_to_indices(x)
             rec = vae.indices_to_img(idx)
@@ -83,28 +83,28 @@ def evaluate_tokenizer(vae: VQVAE, num_images: int = 1000, batch: int = 100, dty
     }
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = True) -> VQVAE:
+def train_tokenizer(config: TokenizerTrainConfig, run_dir: str, progress: bool = True) -> VQVAE:
     """Resumable training loop; returns the trained tokenizer (fp32, eval mode)."""
-    spec = get_spec(cfg.model)
+    spec = get_spec(config.model)
     run = RunDir(run_dir)
-    torch.manual_seed(cfg.seed)
-    vae = VQVAE(spec.vae).to(cfg.device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(config.seed)
+    vae = VQVAE(spec.vae).to(config.device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
     step, elapsed = run.resume(vae, opt, gen)
     vae.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, desc="tokenizer", disable=not progress, dynamic_ncols=True)
     t_last = time.time()
-    while step < cfg.steps:
-        imgs, _ = render_batch(TRAIN_SEED, step * cfg.batch_size, cfg.batch_size)
-        x = to_model_input(imgs, spec.vae.image_size).to(cfg.device)
+    while step < config.steps:
+        imgs, _ = render_batch(TRAIN_SEED, step * config.batch_size, config.batch_size)
+        x = to_model_input(imgs, spec.vae.image_size).to(config.device)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        with autocast_for(cfg.dtype, cfg.device):
+            g["lr"] = lr_at(step, config.steps, config.lr, config.warmup)
+        with autocast_for(config.dtype, config.device):
             latent = vae.encode_latent(x)
             f_hat, vq_loss, _ = vae.quantize(latent)
             rec = vae.decoder(vae.post_quant_conv(f_hat)).float()
-        rec_loss = F.mse_loss(rec, x) + cfg.l1_weight * F.l1_loss(rec, x)
+        rec_loss = F.mse_loss(rec, x) + config.l1_weight * F.l1_loss(rec, x)
         loss = rec_loss + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,24 +112,24 @@ def train_tokenizer(cfg: TokenizerTrainConfig, run_dir: str, progress: bool = Tr
         opt.step()
         step += 1
         restarted = 0
-        if cfg.restart_every and step % cfg.restart_every == 0 and step < 0.9 * cfg.steps:
-            restarted = restart_dead_codes(vae, latent.detach(), cfg.dead_threshold, gen)
+        if config.restart_every and step % config.restart_every == 0 and step < 0.9 * config.steps:
+            restarted = restart_dead_codes(vae, latent.detach(), config.dead_threshold, gen)
         now = time.time()
         elapsed += now - t_last
         t_last = now
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % config.log_every == 0 or step == config.steps:
             with torch.no_grad():
                 p = float(psnr(rec.detach().clamp(-1, 1), x).mean())
                 usage = (vae.quantize.ema_vocab_hit_SV > 0.1 / spec.vae.vocab_size).sum(1).tolist()
             rec_ = {"step": step, "loss": loss.item(), "rec": rec_loss.item(), "vq": vq_loss.item(),
                     "psnr": p, "codes_used_per_scale": usage, "restarted": restarted,
-                    "img_per_s": step * cfg.batch_size / max(elapsed, 1e-9), "elapsed_s": elapsed}
+                    "img_per_s": step * config.batch_size / max(elapsed, 1e-9), "elapsed_s": elapsed}
             run.log(rec_)
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}", codes=max(usage),
                             ips=f"{rec_['img_per_s']:.0f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            run.checkpoint(vae, opt, gen, step, elapsed, asdict(cfg))
+        if step % config.save_every == 0 or step == config.steps:
+            run.checkpoint(vae, opt, gen, step, elapsed, asdict(config))
     bar.close()
     vae.eval()
     return vae

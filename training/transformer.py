@@ -108,7 +108,7 @@ def pretokenize(vae: VQVAE, num_images: int, out: Path, batch: int = 250, progre
         rendered = map(_render_chunk, jobs)
     try:
         for imgs, lab in tqdm(rendered, total=len(jobs), desc="pretokenize", disable=not progress):
-            idx = vae.img_to_indices(to_model_input(imgs, vae.cfg.image_size).to(device))
+            idx = vae.img_to_indices(to_model_input(imgs, vae.config.image_size).to(device))
             chunks.append(torch.cat(idx, dim=1).to(torch.int16).cpu().numpy())
             labels.append(lab)
     finally:
@@ -133,24 +133,24 @@ def param_groups(var: VAR, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def validate_config(cfg: TransformerTrainConfig, num_scales: int) -> None:
+def validate_config(config: TransformerTrainConfig, num_scales: int) -> None:
     """Reject impossible settings up front, naming the field."""
     for name in ("num_images", "steps", "batch_size", "full_every", "save_every", "log_every", "render_workers"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.perturb_rate <= 1.0:
-        raise ValueError(f"perturb_rate: must be in [0, 1], got {cfg.perturb_rate}")
-    if cfg.perturb_neighbours < 1:
-        raise ValueError(f"perturb_neighbours: must be >= 1, got {cfg.perturb_neighbours}")
-    if cfg.coarse_scales is not None and not 2 <= cfg.coarse_scales <= num_scales:  # scale 1 alone has no input
-        raise ValueError(f"coarse_scales: must be in [2, {num_scales}], got {cfg.coarse_scales}")
-    if cfg.time_budget_s is not None and not cfg.time_budget_s > 0:
-        raise ValueError(f"time_budget_s: must be > 0, got {cfg.time_budget_s}")
-    if cfg.time_budget_s is not None and cfg.warmup < MIN_SIZING_WARMUP:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {getattr(config, name)}")
+    if not 0.0 <= config.perturb_rate <= 1.0:
+        raise ValueError(f"perturb_rate: must be in [0, 1], got {config.perturb_rate}")
+    if config.perturb_neighbours < 1:
+        raise ValueError(f"perturb_neighbours: must be >= 1, got {config.perturb_neighbours}")
+    if config.coarse_scales is not None and not 2 <= config.coarse_scales <= num_scales:  # scale 1 alone has no input
+        raise ValueError(f"coarse_scales: must be in [2, {num_scales}], got {config.coarse_scales}")
+    if config.time_budget_s is not None and not config.time_budget_s > 0:
+        raise ValueError(f"time_budget_s: must be > 0, got {config.time_budget_s}")
+    if config.time_budget_s is not None and config.warmup < MIN_SIZING_WARMUP:
         raise ValueError(f"warmup: a time budget sizes the run from the warm-up's throughput, which needs "
-                         f"warmup >= {MIN_SIZING_WARMUP}, got {cfg.warmup}")
-    if cfg.init_from is not None and not Path(cfg.init_from).exists():
-        raise ValueError(f"init_from: no such file {cfg.init_from!r}")
+                         f"warmup >= {MIN_SIZING_WARMUP}, got {config.warmup}")
+    if config.init_from is not None and not Path(config.init_from).exists():
+        raise ValueError(f"init_from: no such file {config.init_from!r}")
 
 
 @torch.no_grad()
@@ -207,7 +207,7 @@ def encode_training_images(vae: VQVAE, indices: torch.Tensor) -> torch.Tensor:
     per index, so this is the same image ``pretokenize`` tokenised for that row."""
     imgs = np.concatenate([render_batch(TRAIN_SEED, int(i), 1)[0] for i in indices])
     device = next(vae.parameters()).device
-    return vae.encode_latent(to_model_input(imgs, vae.cfg.image_size).to(device))
+    return vae.encode_latent(to_model_input(imgs, vae.config.image_size).to(device))
 
 
 MIN_SIZING_WARMUP = 10  # warm-up steps a time budget needs to measure throughput over
@@ -246,68 +246,68 @@ class BudgetSizer:
         return step + max(1, int((self.budget_s - elapsed) / per_step))
 
 
-def scales_at(step: int, cfg: TransformerTrainConfig, num_scales: int) -> int:
+def scales_at(step: int, config: TransformerTrainConfig, num_scales: int) -> int:
     """How many scales step ``step`` trains on (all of them on every full_every-th step)."""
-    if cfg.coarse_scales is None or step % cfg.full_every == 0:
+    if config.coarse_scales is None or step % config.full_every == 0:
         return num_scales
-    return cfg.coarse_scales
+    return config.coarse_scales
 
 
-def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool = True) -> VAR:
-    spec = get_spec(cfg.model)
-    validate_config(cfg, spec.var.num_scales)
+def train_transformer(config: TransformerTrainConfig, run_dir: str, progress: bool = True) -> VAR:
+    spec = get_spec(config.model)
+    validate_config(config, spec.var.num_scales)
     run = RunDir(run_dir)
     vae = VQVAE(spec.vae)
-    load_into(vae, cfg.tokenizer)
+    load_into(vae, config.tokenizer)
     vae.eval()
-    vae.to(cfg.device)  # encodes the training set and builds the transformer's inputs on cfg.device
-    pretokenize(vae, cfg.num_images, run.path, progress=progress, workers=cfg.render_workers)
+    vae.to(config.device)  # encodes the training set and builds the transformer's inputs on config.device
+    pretokenize(vae, config.num_images, run.path, progress=progress, workers=config.render_workers)
     # memory-mapped, so a larger set on disk costs only the rows this run uses
-    tokens = torch.from_numpy(np.load(run.path / "tokens.npy", mmap_mode="r")[: cfg.num_images].astype(np.int64))
-    labels = torch.from_numpy(np.array(np.load(run.path / "labels.npy", mmap_mode="r")[: cfg.num_images]))
+    tokens = torch.from_numpy(np.load(run.path / "tokens.npy", mmap_mode="r")[: config.num_images].astype(np.int64))
+    labels = torch.from_numpy(np.array(np.load(run.path / "labels.npy", mmap_mode="r")[: config.num_images]))
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(config.seed)
     var = VAR(spec.var)
-    if cfg.init_from is not None:  # overwritten below when the run dir holds a checkpoint
-        load_into(var, cfg.init_from)
-    var = var.to(cfg.device)
-    opt = torch.optim.AdamW(param_groups(var, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                            fused=torch.device(cfg.device).type == "cuda")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    if config.init_from is not None:  # overwritten below when the run dir holds a checkpoint
+        load_into(var, config.init_from)
+    var = var.to(config.device)
+    opt = torch.optim.AdamW(param_groups(var, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
+                            fused=torch.device(config.device).type == "cuda")
+    gen = torch.Generator().manual_seed(config.seed)
     step, elapsed = run.resume(var, opt, gen)
-    total: int | None = cfg.steps  # None while a time budget is still being sized
+    total: int | None = config.steps  # None while a time budget is still being sized
     sizer = None
-    if cfg.time_budget_s is not None:
-        saved = (run.resumed_config or {}).get("steps") if step >= cfg.warmup else None
+    if config.time_budget_s is not None:
+        saved = (run.resumed_config or {}).get("steps") if step >= config.warmup else None
         total = saved
-        sizer = BudgetSizer(cfg.time_budget_s, cfg.warmup, cfg.device, step) if saved is None else None
+        sizer = BudgetSizer(config.time_budget_s, config.warmup, config.device, step) if saved is None else None
     var.train()
     lens = spec.var.scale_lengths()
     n_scales = spec.var.num_scales
-    neighbours = codebook_neighbours(vae.quantize, cfg.perturb_neighbours) if cfg.perturb_rate > 0 else None
+    neighbours = codebook_neighbours(vae.quantize, config.perturb_neighbours) if config.perturb_rate > 0 else None
     bar = tqdm(total=total, initial=step, desc="transformer", disable=not progress, dynamic_ncols=True)
     t_last = time.time()
     owe_full_log = False  # a log point fell on a prefix step: log the next full step as well
     while total is None or step < total:
-        pick = torch.randint(0, tokens.shape[0], (cfg.batch_size,), generator=gen)
-        gt, lab = tokens[pick].to(cfg.device), labels[pick].to(cfg.device)
-        k = scales_at(step, cfg, n_scales)
-        if cfg.perturb_rate > 0:
+        pick = torch.randint(0, tokens.shape[0], (config.batch_size,), generator=gen)
+        gt, lab = tokens[pick].to(config.device), labels[pick].to(config.device)
+        k = scales_at(step, config, n_scales)
+        if config.perturb_rate > 0:
             latent = encode_training_images(vae, pick)
             inputs, gt = self_correction_batch(vae.quantize, latent, split_scales(gt, spec.var.patch_nums), k,
-                                               cfg.perturb_rate, neighbours, gen)
+                                               config.perturb_rate, neighbours, gen)
         else:
             gt = gt[:, : sum(lens[:k])]
             with torch.no_grad():
                 inputs = vae.quantize.teacher_forcing_input(split_scales(gt, spec.var.patch_nums[:k]))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total or cfg.warmup, cfg.lr, cfg.warmup)  # warm-up: independent of total
-        with autocast_for(cfg.dtype, cfg.device):
+            g["lr"] = lr_at(step, total or config.warmup, config.lr, config.warmup)  # warm-up: independent of total
+        with autocast_for(config.dtype, config.device):
             logits = var(lab, inputs, num_scales=k)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gt.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(var.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(var.parameters(), config.grad_clip)
         opt.step()
         step += 1
         now = time.time()
@@ -319,8 +319,8 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
             if total is not None:
                 bar.total = total
                 bar.refresh()
-                run.log({"step": step, "sized_steps": total, "time_budget_s": cfg.time_budget_s})
-        at_log_point = step % cfg.log_every == 0 or step == total
+                run.log({"step": step, "sized_steps": total, "time_budget_s": config.time_budget_s})
+        at_log_point = step % config.log_every == 0 or step == total
         # with coarse steps, a log point can keep landing on prefix steps (e.g. full_every 2, log_every 10);
         # then the next full step is logged too, so the log always shows the fine scales' accuracy
         log_full_late = owe_full_log and k == n_scales
@@ -330,11 +330,11 @@ def train_transformer(cfg: TransformerTrainConfig, run_dir: str, progress: bool 
                 hit = (logits.argmax(-1) == gt).float().mean(0)
                 acc = [round(float(a.mean()), 4) for a in hit.split(lens[:k])]
             rec = {"step": step, "scales": k, "loss": loss.item(), "acc_per_scale": acc,
-                   "img_per_s": step * cfg.batch_size / max(elapsed, 1e-9), "elapsed_s": elapsed}
+                   "img_per_s": step * config.batch_size / max(elapsed, 1e-9), "elapsed_s": elapsed}
             run.log(rec)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc_last=acc[-1], ips=f"{rec['img_per_s']:.1f}")
-        if step % cfg.save_every == 0 or step == total:
-            run.checkpoint(var, opt, gen, step, elapsed, asdict(replace(cfg, steps=total or cfg.steps)))
+        if step % config.save_every == 0 or step == total:
+            run.checkpoint(var, opt, gen, step, elapsed, asdict(replace(config, steps=total or config.steps)))
     bar.close()
     var.eval()
     return var

@@ -225,7 +225,7 @@ class _QuantizerHolder(nn.Module):
 class BSQTokenizer(nn.Module):
     def __init__(self, cfg: BSQConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quantizer = _QuantizerHolder(cfg.codebook_dim)
@@ -237,12 +237,12 @@ class BSQTokenizer(nn.Module):
     # ----- grids -----------------------------------------------------------------------------
     def latent_schedule(self, schedule: Schedule) -> list[tuple[int, int]]:
         """Token grids -> latent grids (x2 with patchify)."""
-        f = self.cfg.token_factor
+        f = self.config.token_factor
         return [(h * f, w * f) for h, w in schedule]
 
     def tokens_from_latent_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """Latent-grid bits [B, H, W, d] -> tokens [B, (H/f)(W/f), f^2 d] (row-major)."""
-        if self.cfg.patchify:
+        if self.config.patchify:
             bits = F.pixel_unshuffle(bits.permute(0, 3, 1, 2).float(), 2).permute(0, 2, 3, 1).to(bits.dtype)
         return bits.flatten(1, 2)
 
@@ -250,13 +250,13 @@ class BSQTokenizer(nn.Module):
         """Tokens [B, h w, f^2 d] of a token grid ``hw`` -> latent-grid bits [B, f h, f w, d]."""
         b = tokens.shape[0]
         bits = tokens.reshape(b, hw[0], hw[1], -1)
-        if self.cfg.patchify:
+        if self.config.patchify:
             bits = F.pixel_shuffle(bits.permute(0, 3, 1, 2).float(), 2).permute(0, 2, 3, 1).to(tokens.dtype)
         return bits
 
     def features_to_tokens(self, f: torch.Tensor) -> torch.Tensor:
         """A latent-grid feature map [B, d, H, W] -> next-scale tokens [B, hw, f^2 d]."""
-        if self.cfg.patchify:
+        if self.config.patchify:
             f = F.pixel_unshuffle(f, 2)
         return f.flatten(2).transpose(1, 2)
 
@@ -324,9 +324,9 @@ class NextScaleState:
         self.tok = tokenizer
         self.schedule = [tuple(hw) for hw in schedule]
         self.grids = tokenizer.latent_schedule(self.schedule)
-        self.mode = mode or tokenizer.cfg.next_input_mode
+        self.mode = mode or tokenizer.config.next_input_mode
         h, w = self.grids[-1]
-        self.f_hat = torch.zeros(batch, tokenizer.cfg.codebook_dim, h, w, device=device)
+        self.f_hat = torch.zeros(batch, tokenizer.config.codebook_dim, h, w, device=device)
 
     def add(self, si: int, tokens: torch.Tensor) -> torch.Tensor | None:
         bits = self.tok.latent_bits_from_tokens(tokens, self.schedule[si])
@@ -372,7 +372,7 @@ def load_bsq_state_dict(model: BSQTokenizer, sd: dict[str, torch.Tensor]) -> Non
         if k.startswith("quantize.") or k == "quantizer.lfq.mask":
             if k.endswith("lfq.mask") and not torch.equal(v.to(own_sd["quantizer.lfq.mask"].dtype),
                                                           own_sd["quantizer.lfq.mask"]):
-                raise ValueError(f"{k}: the bit mask does not match codebook_dim {model.cfg.codebook_dim}")
+                raise ValueError(f"{k}: the bit mask does not match codebook_dim {model.config.codebook_dim}")
             continue
         key = k if k in own else (_unwrapped_to_wrapped(k, own) or k)
         if key in out:
@@ -382,4 +382,4 @@ def load_bsq_state_dict(model: BSQTokenizer, sd: dict[str, torch.Tensor]) -> Non
     try:
         model.load_state_dict(out, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"tokenizer checkpoint does not match BSQTokenizer({model.cfg}): {e}") from None
+        raise ValueError(f"tokenizer checkpoint does not match BSQTokenizer({model.config}): {e}") from None

@@ -309,7 +309,7 @@ class _Chunk(nn.Module):
 class Infinity(nn.Module):
     def __init__(self, cfg: InfinityConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         c = cfg.width
         self.cfg_uncond = nn.Parameter(torch.empty(cfg.text_maxlen, cfg.text_channels))
         self.pos_start = nn.Parameter(torch.empty(1, 1, c))
@@ -333,20 +333,20 @@ class Infinity(nn.Module):
 
     @property
     def block_list(self) -> list[CrossAttnBlock]:
-        if self.cfg.block_chunks == 1:
+        if self.config.block_chunks == 1:
             return list(self.blocks)
         return [b for chunk in self.block_chunks for b in chunk.module]
 
     @property
     def softmax_scales(self) -> list[float]:
-        return [SelfAttention.softmax_scale] * self.cfg.depth
+        return [SelfAttention.softmax_scale] * self.config.depth
 
     # ----- initialisation -------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, aln_init: float = 1e-3, gamma_init: float = 1e-4) -> None:
         """Small-std truncated normals, zero biases, depth-scaled output projections and small
         AdaLN gammas (blocks start near identity); cfg_uncond from a fixed seed."""
-        c, depth = self.cfg.width, self.cfg.depth
+        c, depth = self.config.width, self.config.depth
         std = math.sqrt(1 / c / 3)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -358,7 +358,7 @@ class Infinity(nn.Module):
         gen = torch.Generator().manual_seed(0)
         uncond = torch.empty(self.cfg_uncond.shape)
         nn.init.trunc_normal_(uncond, std=1.2, generator=gen)
-        self.cfg_uncond.copy_(uncond / self.cfg.text_channels**0.5)
+        self.cfg_uncond.copy_(uncond / self.config.text_channels**0.5)
         self.head_nm.ada_lin[-1].weight.mul_(aln_init)
         self.head.weight.mul_(0.02)
         for block in self.block_list:
@@ -371,8 +371,8 @@ class Infinity(nn.Module):
     # ----- text -> condition ---------------------------------------------------------------
     def uncond_text(self, length: int) -> torch.Tensor:
         """The learned unconditional text of a prompt of ``length`` tokens."""
-        if not 1 <= length <= self.cfg.text_maxlen:
-            raise ValueError(f"text length must be in [1, {self.cfg.text_maxlen}], got {length}")
+        if not 1 <= length <= self.config.text_maxlen:
+            raise ValueError(f"text length must be in [1, {self.config.text_maxlen}], got {length}")
         return self.cfg_uncond[:length]
 
     def condition(self, texts: Sequence[torch.Tensor]) -> InfinityCondition:
@@ -383,17 +383,18 @@ class Infinity(nn.Module):
         dev, dtype = self.pos_start.device, self.pos_start.dtype
         t = max(x.shape[0] for x in texts)
         for x in texts:
-            if x.dim() != 2 or x.shape[1] != self.cfg.text_channels or not 1 <= x.shape[0] <= self.cfg.text_maxlen:
-                raise ValueError(f"text: expected [1..{self.cfg.text_maxlen}, {self.cfg.text_channels}], "
+            c = self.config
+            if x.dim() != 2 or x.shape[1] != c.text_channels or not 1 <= x.shape[0] <= c.text_maxlen:
+                raise ValueError(f"text: expected [1..{self.config.text_maxlen}, {self.config.text_channels}], "
                                  f"got {tuple(x.shape)}")
-        padded = torch.zeros(len(texts), t, self.cfg.text_channels, device=dev, dtype=dtype)
+        padded = torch.zeros(len(texts), t, self.config.text_channels, device=dev, dtype=dtype)
         mask = torch.zeros(len(texts), t, dtype=torch.bool, device=dev)
         for i, x in enumerate(texts):
             padded[i, : x.shape[0]] = x.to(device=dev, dtype=dtype)
             mask[i, : x.shape[0]] = True
         normed = self.text_norm(padded)
         pooled = self.text_proj_for_sos(normed, mask)
-        gss = self.shared_ada_lin(pooled).view(-1, 1, 6, self.cfg.width)
+        gss = self.shared_ada_lin(pooled).view(-1, 1, 6, self.config.width)
         memory = self.text_proj_for_ca(normed)
         ks, vs = zip(*(b.ca.kv(memory) for b in self.block_list))
         return InfinityCondition(pooled, gss, list(ks), list(vs), mask)
@@ -409,7 +410,7 @@ class Infinity(nn.Module):
     # ----- pieces shared by teacher forcing, the reference loop and a paged runner ---------
     def rope(self, schedule: Schedule, full: tuple[int, int]) -> list[torch.Tensor]:
         """Per-scale RoPE angles (see ``rope_angles``) on the model's device."""
-        return [a.to(self.pos_start.device) for a in rope_angles(self.cfg, schedule, full)]
+        return [a.to(self.pos_start.device) for a in rope_angles(self.config, schedule, full)]
 
     def embed_scale(self, si: int, cond: InfinityCondition, next_input: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings entering the blocks at scale ``si``: the pooled text + pos_start at
@@ -510,12 +511,12 @@ def load_infinity_state_dict(model: Infinity, sd: dict[str, torch.Tensor]) -> di
         elif old.shape[0] < own.shape[0]:
             sd["cfg_uncond"] = torch.cat((old.to(own.dtype), own[old.shape[0]:].cpu().to(own.dtype)))
             report["cfg_uncond"].append(f"padded {old.shape[0]} -> {own.shape[0]} with the model's rows")
-    sd = _block_layout(sd, model.cfg)
+    sd = _block_layout(sd, model.config)
     own_sd = model.state_dict()
     sd = {k: v.to(own_sd[k].dtype) if k in own_sd and v.is_floating_point() else v for k, v in sd.items()}
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"transformer checkpoint does not match Infinity({model.cfg.depth}x{model.cfg.width}): "
+        raise ValueError(f"transformer checkpoint does not match Infinity({model.config.depth}x{model.config.width}): "
                          f"{e}") from None
     return report

@@ -196,7 +196,7 @@ class AdaLNBeforeHead(nn.Module):
 class VAR(nn.Module):
     def __init__(self, cfg: VARConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         c, n_scales, seq_len = cfg.width, cfg.num_scales, cfg.seq_len
         self.num_classes = cfg.num_classes
         self.class_emb = nn.Embedding(cfg.num_classes + 1, c)  # last row: the null class for CFG
@@ -222,7 +222,7 @@ class VAR(nn.Module):
     def init_weights(self, gamma_init: float = 1e-3) -> None:
         """VAR's recipe: std sqrt(1/(3C)) for linears/embeddings, small head, depth-scaled
         residual projections, and tiny AdaLN gammas so blocks start near identity."""
-        c, depth = self.cfg.width, self.cfg.depth
+        c, depth = self.config.width, self.config.depth
         std = math.sqrt(1 / c / 3)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -250,8 +250,8 @@ class VAR(nn.Module):
 
     def scale_position(self, si: int) -> torch.Tensor:
         """lvl + pos embedding of scale ``si``'s positions, [1, p^2, C]."""
-        start = self.cfg.scale_starts()[si]
-        end = start + self.cfg.patch_nums[si] ** 2
+        start = self.config.scale_starts()[si]
+        end = start + self.config.patch_nums[si] ** 2
         return self.lvl_embed.weight[si].view(1, 1, -1) + self.pos_1LC[:, start:end]
 
     def embed_scale(self, si: int, cond: torch.Tensor, next_input: torch.Tensor | None) -> torch.Tensor:
@@ -287,13 +287,13 @@ class VAR(nn.Module):
         finer one, the logits of a prefix equal those of the same positions in the full
         forward: training on a prefix is exact, and much cheaper for the coarse scales.
         """
-        k = self.cfg.num_scales if num_scales is None else num_scales
-        if not 1 <= k <= self.cfg.num_scales:
-            raise ValueError(f"num_scales: must be in [1, {self.cfg.num_scales}], got {num_scales}")
-        n = sum(self.cfg.scale_lengths()[:k])
+        k = self.config.num_scales if num_scales is None else num_scales
+        if not 1 <= k <= self.config.num_scales:
+            raise ValueError(f"num_scales: must be in [1, {self.config.num_scales}], got {num_scales}")
+        n = sum(self.config.scale_lengths()[:k])
         b = labels.shape[0]
-        if self.training and self.cfg.cond_drop_rate > 0:
-            drop = torch.rand(b, device=labels.device) < self.cfg.cond_drop_rate
+        if self.training and self.config.cond_drop_rate > 0:
+            drop = torch.rand(b, device=labels.device) < self.config.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         cond = self.condition(labels)
         sos = cond.unsqueeze(1) + self.pos_start
@@ -307,7 +307,7 @@ class VAR(nn.Module):
         they need no mask and skip the masked (invisible) keys entirely; the short rest of the
         sequence uses the dense mask. Same result as one masked SDPA over all tokens, ~20% less
         attention work at var-tiny's shapes."""
-        ends = list(itertools.accumulate(self.cfg.scale_lengths()[:num_scales]))
+        ends = list(itertools.accumulate(self.config.scale_lengths()[:num_scales]))
         split = ends[max(0, len(ends) - 1 - unmasked_scales)]
         bias = self.attn_bias_for_masking[:, :, :split, :split]
         scales = [block.attn.softmax_scale for block in self.blocks]

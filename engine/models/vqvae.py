@@ -208,7 +208,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.patch_nums = tuple(cfg.patch_nums)
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
         self.quant_resi = PhiSet(cfg.z_channels, cfg.quant_resi, cfg.share_quant_resi, len(self.patch_nums))
@@ -278,10 +278,10 @@ class MultiScaleQuantizer(nn.Module):
             h = self.upsampled_residual(idx, si)
             f_hat = f_hat + h
             residual = residual - h.detach()
-            loss = loss + self.cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_detached)
+            loss = loss + self.config.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_detached)
             if self.training:
                 with torch.no_grad():
-                    hits = torch.bincount(idx.flatten(), minlength=self.cfg.vocab_size).float()
+                    hits = torch.bincount(idx.flatten(), minlength=self.config.vocab_size).float()
                     hits = hits / hits.sum()
                     self.ema_vocab_hit_SV[si].mul_(0.99).add_(hits, alpha=0.01)
         loss = loss / self.num_scales
@@ -319,7 +319,7 @@ class NextScaleInput:
     def __init__(self, quantizer: MultiScaleQuantizer, batch: int, device: torch.device | str) -> None:
         full = quantizer.patch_nums[-1]
         self.q = quantizer
-        self.f_hat = torch.zeros(batch, quantizer.cfg.z_channels, full, full, device=device)
+        self.f_hat = torch.zeros(batch, quantizer.config.z_channels, full, full, device=device)
 
     def add(self, si: int, idx: torch.Tensor) -> torch.Tensor | None:
         self.f_hat, nxt = self.q.advance(self.f_hat, si, idx)
@@ -329,7 +329,7 @@ class NextScaleInput:
 class VQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quantize = MultiScaleQuantizer(cfg)

@@ -90,10 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from training.tokenizer import TokenizerTrainConfig, evaluate_tokenizer, export_tokenizer, train_tokenizer
 
         d = TokenizerTrainConfig()
-        cfg = TokenizerTrainConfig(model=args.model, steps=args.steps or d.steps,
+        config = TokenizerTrainConfig(model=args.model, steps=args.steps or d.steps,
                                    batch_size=args.batch_size or d.batch_size, lr=args.lr or d.lr,
                                    dtype=args.dtype, device=device)
-        vae = train_tokenizer(cfg, args.run_dir)
+        vae = train_tokenizer(config, args.run_dir)
         export_tokenizer(vae, str(Path(args.run_dir) / "tokenizer.safetensors"))
         print(json.dumps(evaluate_tokenizer(vae, 1000)))
     elif args.what == "transformer":
@@ -105,9 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "coarse_scales": args.coarse_scales, "full_every": args.full_every,
                  "perturb_rate": args.perturb_rate, "time_budget_s": args.time_budget,
                  "render_workers": args.render_workers, "save_every": args.save_every, "log_every": args.log_every}
-        cfg = TransformerTrainConfig(model=args.model, dtype=args.dtype, device=device,
+        config = TransformerTrainConfig(model=args.model, dtype=args.dtype, device=device,
                                      **{k: (getattr(d, k) if v is None else v) for k, v in given.items()})
-        var = train_transformer(cfg, args.run_dir)
+        var = train_transformer(config, args.run_dir)
         export_transformer(var, str(Path(args.run_dir) / "transformer.safetensors"))
     else:
         from training.classifier import train_classifier

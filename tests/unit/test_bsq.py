@@ -112,13 +112,13 @@ def test_binary_spherical_quantisation(micro_tok):
 def test_encode_decode_shapes_and_residual(micro_tok, patch_tok, which):
     tok = micro_tok if which == "plain" else patch_tok
     schedule = get_infinity_spec("infinity-micro").model.schedule(2.0)  # (1,1) (2,1) (4,2) (6,3)
-    h, w = schedule[-1][0] * tok.cfg.token_stride, schedule[-1][1] * tok.cfg.token_stride
+    h, w = schedule[-1][0] * tok.config.token_stride, schedule[-1][1] * tok.config.token_stride
     img = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         tokens, f_hat = tok.encode(img, schedule)
         recon = tok.decode(f_hat)
-    assert [tuple(t.shape) for t in tokens] == [(2, a * b, tok.cfg.token_bits) for a, b in schedule]
-    assert f_hat.shape == (2, tok.cfg.codebook_dim, *tok.latent_schedule(schedule)[-1])
+    assert [tuple(t.shape) for t in tokens] == [(2, a * b, tok.config.token_bits) for a, b in schedule]
+    assert f_hat.shape == (2, tok.config.codebook_dim, *tok.latent_schedule(schedule)[-1])
     assert recon.shape == img.shape and recon.abs().max() <= 1
     # the decoded tokens rebuild exactly the f_hat the encoder accumulated
     torch.testing.assert_close(tok.tokens_to_fhat(tokens, schedule), f_hat)
@@ -141,14 +141,14 @@ def test_next_scale_input_teacher_forcing_matches_generation(micro_tok, patch_to
     tok = micro_tok if which == "plain" else patch_tok
     schedule = get_infinity_spec("infinity-micro").model.schedule(1.0)
     g = torch.Generator().manual_seed(1)
-    tokens = [torch.randint(0, 2, (3, h * w, tok.cfg.token_bits), generator=g, dtype=torch.uint8)
+    tokens = [torch.randint(0, 2, (3, h * w, tok.config.token_bits), generator=g, dtype=torch.uint8)
               for h, w in schedule]
     tf = tok.teacher_forcing_input(tokens, schedule)
     state = NextScaleState(tok, schedule, 3, "cpu")
     step = [state.add(si, t) for si, t in enumerate(tokens)]
     assert step[-1] is None
     torch.testing.assert_close(tf, torch.cat(step[:-1], dim=1))
-    assert tf.shape == (3, sum(h * w for h, w in schedule) - 1, tok.cfg.token_bits)
+    assert tf.shape == (3, sum(h * w for h, w in schedule) - 1, tok.config.token_bits)
     # the first scale's input: the 1x1 codes, upsampled and resized to the 2x2 grid
     grids = tok.latent_schedule(schedule)
     codes = tok.bsq.bits_to_codes(tok.latent_bits_from_tokens(tokens[0], schedule[0]))
@@ -166,14 +166,15 @@ def test_tokenizer_loader_accepts_released_names_and_is_strict(micro_tok):
              .replace(".norm.weight", ".weight").replace(".norm.bias", ".bias"): v for k, v in sd.items()}
     plain["quantize.lfq.mask"] = sd["quantizer.lfq.mask"]
     assert "encoder.conv_in.weight" in plain and "encoder.down.0.block.0.norm1.weight" in plain
-    fresh = BSQTokenizer(micro_tok.cfg)
+    fresh = BSQTokenizer(micro_tok.config)
     load_bsq_state_dict(fresh, plain)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, sd[k]), k
-    load_bsq_state_dict(BSQTokenizer(micro_tok.cfg), dict(sd))  # the wrapped names load too
+    load_bsq_state_dict(BSQTokenizer(micro_tok.config), dict(sd))  # the wrapped names load too
     with pytest.raises(ValueError, match="bit mask"):
-        load_bsq_state_dict(BSQTokenizer(micro_tok.cfg), dict(sd, **{"quantizer.lfq.mask": torch.arange(8)}))
+        load_bsq_state_dict(BSQTokenizer(micro_tok.config), dict(sd, **{"quantizer.lfq.mask": torch.arange(8)}))
     with pytest.raises(ValueError, match="decoder.conv_out"):
-        load_bsq_state_dict(BSQTokenizer(micro_tok.cfg), {k: v for k, v in sd.items() if "decoder.conv_out" not in k})
+        load_bsq_state_dict(BSQTokenizer(micro_tok.config),
+                            {k: v for k, v in sd.items() if "decoder.conv_out" not in k})
     with pytest.raises(ValueError, match="surplus"):
-        load_bsq_state_dict(BSQTokenizer(micro_tok.cfg), dict(sd, surplus=torch.zeros(1)))
+        load_bsq_state_dict(BSQTokenizer(micro_tok.config), dict(sd, surplus=torch.zeros(1)))

@@ -143,9 +143,9 @@ def test_next_scale_input_matches_an_independent_implementation(micro_model):
     q = micro_model.vae.quantize
     pn = q.patch_nums
     gen = torch.Generator().manual_seed(5)
-    idx = [torch.randint(0, q.cfg.vocab_size, (2, p * p), generator=gen) for p in pn]
+    idx = [torch.randint(0, q.config.vocab_size, (2, p * p), generator=gen) for p in pn]
     full = pn[-1]
-    f_hat = torch.zeros(2, q.cfg.z_channels, full, full)
+    f_hat = torch.zeros(2, q.config.z_channels, full, full)
     expected = []
     for si in range(len(pn) - 1):
         h = q.embedding(idx[si]).transpose(1, 2).reshape(2, -1, pn[si], pn[si])
@@ -162,7 +162,7 @@ def test_tokenizer_encode_decode_shapes(micro_model):
     vae = micro_model.vae
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     idx = vae.img_to_indices(x)
-    assert [i.shape for i in idx] == [(2, p * p) for p in vae.cfg.patch_nums]
+    assert [i.shape for i in idx] == [(2, p * p) for p in vae.config.patch_nums]
     img = vae.indices_to_img(idx)
     assert img.shape == x.shape and img.abs().max() <= 1
 
@@ -215,15 +215,15 @@ def test_in_place_silu_decodes_bit_identically(micro_model, which, monkeypatch):
     from engine.models.registry import build_model
 
     vae = micro_model.vae if which == "var-micro" else build_model("var-tiny").vae
-    full = vae.cfg.patch_nums[-1]
-    f_hat = torch.randn(2, vae.cfg.z_channels, full, full, generator=torch.Generator().manual_seed(7)) * 2
+    full = vae.config.patch_nums[-1]
+    f_hat = torch.randn(2, vae.config.z_channels, full, full, generator=torch.Generator().manual_seed(7)) * 2
     f_copy = f_hat.clone()
     with torch.no_grad():
         expected, inplace_requests = _decode_with_out_of_place_silu(vae, f_hat, monkeypatch)
         got = vae.fhat_to_img(f_hat)
     assert inplace_requests > 0  # the shipped code does ask for in-place SiLU
     assert torch.equal(f_hat, f_copy)
-    assert got.std() > 0.01 and got.shape == (2, 3, vae.cfg.image_size, vae.cfg.image_size)
+    assert got.std() > 0.01 and got.shape == (2, 3, vae.config.image_size, vae.config.image_size)
     assert torch.equal(got, expected)
     with torch.inference_mode():
         assert torch.equal(vae.fhat_to_img(f_hat), expected)
