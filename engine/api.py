@@ -215,6 +215,8 @@ class ImageEngine:
         self._admit()
         batch = self._schedule()
         if batch:
+            for st in batch:
+                self.manager.begin_step(self._key(st))
             try:
                 self.runner.step(batch)
             except Exception as e:  # the step broke: fail its requests, keep the engine serving
@@ -230,6 +232,7 @@ class ImageEngine:
                     if st.t_first_scale is None:
                         st.t_first_scale = now
                     self.manager.note_tokens_peak(self._key(st))
+                    self.manager.end_step(self._key(st), self._scratch_bytes(st.scale - 1))
                     if st.scale == self.model.spec.var.num_scales:
                         done.append(st)
                 if done:
@@ -237,14 +240,18 @@ class ImageEngine:
         out, self._finished = self._finished, []
         return out
 
+    def _scratch_bytes(self, scale: int) -> int:
+        """K and V of one layer for the scale's tokens, both CFG sequences: they exist outside the
+        pool while a layer attends (the scratch the true per-step peak counts)."""
+        var = self.model.spec.var
+        return 2 * var.scale_lengths()[scale] * 2 * var.width * self.pool.kv.element_size()
+
     def _finish(self, done: list[RequestState]) -> None:
         images = image_to_uint8(self.runner.decode(done))
         now = time.perf_counter()
-        spec = self.model.spec
         for i, st in enumerate(done):
             self.running.remove(st)
             acct = self._release(st)
-            scratch = 2 * spec.var.scale_lengths()[-1] * 2 * spec.var.width * self.pool.kv.element_size()
             req = st.request
             self._finished.append(ImageResult(
                 request_id=req.request_id,
@@ -253,7 +260,7 @@ class ImageEngine:
                 job_id=req.job_id,
                 tokens=torch.cat(st.tokens).tolist(),
                 image=images[i].numpy(),
-                kv_peak_bytes=acct.get("kv_peak_bytes", 0) + scratch,
+                kv_peak_bytes=acct.get("kv_peak_bytes", 0),
                 seconds=now - st.t_arrival,
                 stats={
                     "queue_seconds": round(st.t_admitted - st.t_arrival, 6),

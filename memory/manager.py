@@ -85,6 +85,8 @@ class _Reservation:
     peak_held: int = 0
     plan: KVPlan | None = None
     tokens_peak: int = 0  # peak of tokens stored (for waste accounting)
+    step_peak: int = 0  # most pages held at once during the current step
+    peak_bytes: int = 0  # most KV bytes at once over all steps: pages held + that step's scratch
 
 
 class MemoryManager:
@@ -147,6 +149,7 @@ class MemoryManager:
             self.table.append_pages(seq, layer, self.pool.allocate(extra))
             res.held += extra
             res.peak_held = max(res.peak_held, res.held)
+            res.step_peak = max(res.step_peak, res.held)
             self._outstanding -= extra
         return self.table.pages(seq, layer)
 
@@ -160,6 +163,19 @@ class MemoryManager:
             res = self._res[self._seq_owner[seq]]
             res.held -= len(dropped)
             self._outstanding += len(dropped)  # still reserved: a later scale may need them again
+
+    def begin_step(self, request_id: str) -> None:
+        """A step of this request starts: its within-step page peak starts at what it holds."""
+        res = self._res[request_id]
+        res.step_peak = res.held
+
+    def end_step(self, request_id: str, scratch_bytes: int) -> None:
+        """The step ended: the request's true KV peak is the most, over steps, of the pages it
+        held at once during a step plus that step's scratch (the current scale's K/V of one
+        layer, which live outside the pool). A pool peak at one scale and the scratch of another
+        never coincide, so they are not added."""
+        res = self._res[request_id]
+        res.peak_bytes = max(res.peak_bytes, res.step_peak * self.pool.page_bytes + scratch_bytes)
 
     def note_tokens_peak(self, request_id: str) -> None:
         res = self._res[request_id]
@@ -183,7 +199,8 @@ class MemoryManager:
             "pages_reserved": res.pages,
             "pages_peak": res.peak_held,
             "tokens_peak": res.tokens_peak,
-            "kv_peak_bytes": res.peak_held * self.pool.page_bytes,
+            "kv_peak_bytes": max(res.peak_bytes, res.peak_held * self.pool.page_bytes),
+            "pool_peak_bytes": res.peak_held * self.pool.page_bytes,
         }
 
     def release_all(self) -> None:

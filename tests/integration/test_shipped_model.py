@@ -93,3 +93,24 @@ def test_cli_eval_prefix_rejects_bad_scale_lists(tmp_path, capsys):
     assert main(["eval", "prefix", "--model", "var-tiny", "--forced", "11", "--out", str(tmp_path)]) == 2
     assert "forced_scales" in capsys.readouterr().err
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_scalekv_peak_is_counted_per_step_on_the_shipped_model():
+    """On var-tiny at 10%, scalekv's pool peaks at a middle scale while the last scale's
+    256-token scratch comes later: the true per-step peak is below their sum (the over-count
+    reported before: 0.190 of full) and below the uniform split's."""
+    from engine.api import EngineConfig, ImageEngine
+    from engine.request import ImageRequest
+
+    model = build_model("var-tiny")
+    var = model.spec.var
+    peaks = {}
+    for policy, budget in (("full", 1.0), ("scalekv", 0.1), ("snapkv", 0.1)):
+        config = EngineConfig(dtype="float32", kv_pool_bytes=256 << 20, policy=policy, kv_budget=budget)
+        eng = ImageEngine(model, config)
+        (res,) = eng.generate([ImageRequest(class_label=1, seed=3)])
+        scratch = 2 * var.scale_lengths()[-1] * 2 * var.width * eng.pool.kv.element_size()
+        peaks[policy] = (res.kv_peak_bytes, res.stats["pages_peak"] * eng.pool.page_bytes + scratch)
+    true, summed = peaks["scalekv"]
+    assert true < summed and true < peaks["snapkv"][0]
+    assert true / peaks["full"][0] < 0.17

@@ -145,3 +145,20 @@ def test_duplicate_request_ids_are_served_independently(micro_model):
     assert [r.ok for r in results] == [True, True]
     assert results[0].tokens != results[1].tokens  # different seeds, both really generated
     assert eng.pool.num_free == eng.pool.num_pages
+
+
+def test_kv_peak_is_the_true_per_step_peak_not_pool_peak_plus_last_scratch(micro_model):
+    """The peak a result reports is the most KV that exists at once: a step's pages plus that
+    step's scratch (one layer's current K/V, both CFG sequences). For ``full`` the pages held
+    during scale si are the plan's ``pages_at(si)``; the pool's overall peak and the last
+    scale's scratch never coincide, so their sum would over-count."""
+    eng = _engine(micro_model)
+    (res,) = eng.generate(_reqs(1))
+    var = micro_model.spec.var
+    plan = eng.plan_for("full", 1.0)
+    page, elem = eng.pool.page_bytes, eng.pool.kv.element_size()
+    scratch = [2 * n * 2 * var.width * elem for n in var.scale_lengths()]
+    per_step = [2 * sum(plan.pages_at(si, eng.pool.block_size)) * page + scratch[si] for si in range(var.num_scales)]
+    assert res.kv_peak_bytes == max(per_step)
+    pool_peak = res.stats["pages_peak"] * page
+    assert pool_peak < res.kv_peak_bytes <= pool_peak + scratch[-1]
