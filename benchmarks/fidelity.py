@@ -38,7 +38,7 @@ moves to an earlier layer), ``capacity`` (requests the fixed pool admits at once
 ``capacity_ratio`` (full's reservation / this policy's).
 
     scalekv bench fidelity --model var-tiny --policies full,scalekv,snapkv --budgets 0.04,0.1,0.2 \\
-        --num 200 --json out/fidelity.json --plot out/fidelity
+        --num 200 --report out/fidelity.json --plot out/fidelity
 """
 
 from __future__ import annotations
@@ -51,12 +51,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.fidelity_plots import plot_grid, plot_sweep
+from benchmarks.image_metrics import (  # noqa: F401  (re-exported: the harness's metrics)
+    PSNR_CAP,
+    class_accuracy,
+    class_correct,
+    psnr,
+    ssim,
+    ssim_batch,
+    token_agreement,
+)
 from benchmarks.stats import Interval, mean_ci, paired_delta
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import LoadedModel
 from engine.request import ImageRequest, ImageResult
 
-PSNR_CAP = 100.0  # dB reported for identical images (PSNR is infinite there)
 CLASSIFIER_MODELS = ("var-tiny",)  # models whose images the shape classifier can judge
 SSIM_CONVENTION = ("torchmetrics structural_similarity_index_measure defaults on [0,1] RGB: Gaussian window 11, "
                    "sigma 1.5, K1 0.01, K2 0.03, reflect-padded borders, mean over channels and pixels")
@@ -107,59 +116,6 @@ class FidelityConfig:
                             kv_budget=kv_budget, dtype=self.dtype, attention_backend="auto",
                             profile_path=self.profile_path, window_size=self.window_size,
                             pool_kernel=self.pool_kernel, pooling=self.pooling, budget_delta=self.budget_delta)
-
-
-# --------------------------------------------------------------------------- metrics
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (``PSNR_CAP`` when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10.0 * np.log10(255.0**2 / mse))
-
-
-def _nchw01(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double() / 255.0
-
-
-def ssim_batch(a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """Per-image SSIM of two stacks of uint8 ``[H, W, 3]`` images (``SSIM_CONVENTION``)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    x, y = _nchw01(np.stack(list(a))), _nchw01(np.stack(list(b)))
-    if x.shape != y.shape:
-        raise ValueError(f"ssim: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
-    if min(x.shape[-2:]) <= 5:
-        raise ValueError(f"ssim: images must be larger than 5 px (the window's reflect padding), got {x.shape}")
-    out = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
-    return out.numpy().astype(np.float64)
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two uint8 ``[H, W, 3]`` images (``SSIM_CONVENTION``; 1 when identical)."""
-    return float(ssim_batch([a], [b])[0])
-
-
-def token_agreement(a: list[int], b: list[int], lengths: list[int]) -> list[float]:
-    """Fraction of equal tokens per scale (tokens are flattened coarse to fine)."""
-    out, start = [], 0
-    ta, tb = np.asarray(a), np.asarray(b)
-    for n in lengths:
-        out.append(float(np.mean(ta[start : start + n] == tb[start : start + n])))
-        start += n
-    return out
-
-
-def class_correct(results: list[ImageResult], classifier: torch.nn.Module | None = None) -> np.ndarray:
-    """Per-request 0/1: the shape classifier sees the requested class in the image."""
-    from training.classifier import load_classifier, predict
-
-    x = torch.stack([torch.from_numpy(r.image) for r in results]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    pred = predict(classifier if classifier is not None else load_classifier(), x)
-    labels = torch.tensor([r.class_label for r in results])
-    return (pred == labels).numpy().astype(np.float64)
-
-
-def class_accuracy(results: list[ImageResult], classifier: torch.nn.Module | None = None) -> float:
-    return float(class_correct(results, classifier).mean())
 
 
 # --------------------------------------------------------------------------- runs
@@ -358,58 +314,6 @@ def _torchmetrics_version() -> str | None:
     except ImportError:  # pragma: no cover
         return None
     return torchmetrics.__version__
-
-
-# --------------------------------------------------------------------------- plots
-def plot_grid(images: dict, budget: float, policies: list[str], path: str | Path, max_cols: int = 8) -> None:
-    """Rows: full, then each policy at ``budget``; columns: the same requests (same seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [("full", 1.0)] + [(p, budget) for p in policies if p != "full" and (p, budget) in images]
-    cols = min(max_cols, len(images[("full", 1.0)]))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols + 1.2, 1.3 * len(rows)), squeeze=False)
-    for i, key in enumerate(rows):
-        for j in range(cols):
-            ax = axes[i][j]
-            ax.imshow(images[key][j], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(key[0] if key[0] == "full" else f"{key[0]}\n{key[1]:g}", fontsize=8)
-    fig.suptitle(f"full cache vs policies at kv_budget {budget:g} (same seeds per column)", fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_sweep(report: dict, path: str | Path) -> None:
-    """PSNR and SSIM vs kv_budget, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    policies = sorted({r["policy"] for r in report["results"]})
-    for p in policies:
-        pts = sorted((r["kv_budget"], r["psnr"], r["ssim"]) for r in report["results"] if r["policy"] == p)
-        xs = [x[0] for x in pts]
-        axes[0].plot(xs, [x[1] for x in pts], marker="o", label=p)
-        axes[1].plot(xs, [x[2] for x in pts], marker="o", label=p)
-    for ax, name in zip(axes, ("PSNR vs full (dB)", "SSIM vs full")):
-        ax.set_xlabel("kv_budget")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{report['model']}: fidelity to the full cache, {report['num']} images")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_outputs(report: dict, images: dict, cfg: FidelityConfig, json_path: str | None,
