@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.registry import get_spec
+from engine.models.registry import build_model, get_spec
 from engine.models.var import VAR
 from engine.models.vqvae import VQVAE
 from engine.reference import ContiguousKVCache
@@ -298,3 +298,24 @@ def test_phi_mapping_hand_checked_cases_and_shipped_layout_unchanged():
     assert phi_index_per_scale(3, 5) == [0, 0, 1, 2, 2]
     sd = PhiSet(8, 0.5, 6, 10).state_dict()
     assert sorted(sd) == sorted(f"qresi_ls.{i}.{p}" for i in range(6) for p in ("weight", "bias"))
+
+
+def _flops_per_image(var) -> float:
+    """Multiply-adds x 2 of one image with CFG (2 sequences): linears per token (qkv 3d^2, proj
+    d^2, MLP 8d^2) and attention (QK^T and AV over history + current) per layer and scale."""
+    d, total, seen = var.width, 0.0, 0
+    for n in var.scale_lengths():
+        seen += n
+        total += var.depth * n * (2 * 12 * d * d + 2 * 2 * d * seen)
+    return 2 * total
+
+
+def test_var_deep_is_deep_with_head_dim_64_at_var_tiny_cost():
+    from engine.models.catalog import get_spec as spec_of
+
+    deep, tiny = spec_of("var-deep"), spec_of("var-tiny")
+    assert deep.var.depth >= 24 and deep.var.head_dim == 64
+    assert deep.var.patch_nums == tiny.var.patch_nums and deep.vae == tiny.vae  # same tokenizer and schedule
+    assert _flops_per_image(deep.var) <= 1.5 * _flops_per_image(tiny.var)
+    m = build_model("var-deep", random_init=True)
+    assert len(m.var.blocks) == deep.var.depth
