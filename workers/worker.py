@@ -81,6 +81,7 @@ class Worker:
         self._inbox: list[ImageRequest] = []
         self._outbox: list[dict] = []
         self._held: set[str] = set()  # keys accepted and not yet handed back by poll()
+        self._cancelled: set[str] = set()  # keys cancelled before they arrived (bounded below)
         self._paused = False
         self._stopped = False
         self._finished_total = 0
@@ -149,6 +150,12 @@ class Worker:
         dups = []
         with self._lock:
             for r in requests:
+                if r.key in self._cancelled:  # cancelled before its submit arrived (calls may pass each other)
+                    self._cancelled.discard(r.key)
+                    self._outbox.append(self._to_wire(ImageResult(r.request_id, r.class_label, r.seed,
+                                                                  job_id=r.job_id, error="cancelled")))
+                    self._ready.notify_all()
+                    continue
                 if r.key in self._held:
                     dups.append(r.key)
                     continue
@@ -170,7 +177,8 @@ class Worker:
                 self._ready.wait(left)
             out, self._outbox = self._outbox, []
             for r in out:
-                self._held.discard(r["key"])
+                if not r.get("preview"):  # a preview is not the request's result: it stays held
+                    self._held.discard(r["key"])
             snapshot = dict(self._snapshot, inbox=len(self._inbox), held=len(self._held))
         return {"incarnation": self.incarnation, "results": out, "stats": snapshot}
 
@@ -181,6 +189,34 @@ class Worker:
         with self._lock:
             s.update(inbox=len(self._inbox), held=len(self._held))
         return s
+
+    # ----- cancel (minimal version for online serving; the durable-cluster branch adds its
+    # own, and the merge keeps one) ------------------------------------------------------------
+    def cancel(self, keys: list[str], reason: str = "cancelled") -> dict:
+        """Fail the requests ``keys`` (``job_id/request_id``) held here: drop those still in the
+        inbox, abort those in the engine (their pages return to the pool now). Each gets an
+        error result through ``poll`` as usual; returns how many were found."""
+        wanted = set(keys)
+        with self._lock:
+            dropped = [r for r in self._inbox if r.key in wanted]
+            self._inbox = [r for r in self._inbox if r.key not in wanted]
+        with self._engine_lock:
+            aborted = [res for k in wanted for res in self.engine.abort(k, reason)]
+            aborted += [ImageResult(r.request_id, r.class_label, r.seed, job_id=r.job_id, error=reason)
+                        for r in dropped]
+            stats = self._compute_stats()
+        found = {r.key for r in dropped} | {f"{r.job_id}/{r.request_id}" if r.job_id else r.request_id
+                                             for r in aborted}
+        out = [self._to_wire(r) for r in aborted]
+        with self._lock:
+            missing = wanted - found - self._held
+            if len(self._cancelled) + len(missing) <= 4096:  # a request sent after its cancel: refuse it
+                self._cancelled |= missing
+            self._outbox = [o for o in self._outbox if not (o.get("preview") and o["key"] in wanted)] + out
+            self._snapshot = stats
+            if out:
+                self._ready.notify_all()
+        return {"cancelled": len(out)}
 
     def pause(self) -> bool:
         """Stop stepping; accepted requests stay queued or running and keep their pages.
@@ -226,8 +262,9 @@ class Worker:
                 except Exception as e:  # a bug outside the engine's own error handling: fail, keep serving
                     log.exception("worker %s: loop iteration failed", self.name)
                     results = self.engine.abort_all(f"worker {self.name} loop error: {type(e).__name__}: {e}")
+                previews = self.engine.take_previews()
                 stats = self._compute_stats()
-            out = [self._to_wire(r) for r in results]
+            out = [_preview_to_wire(p) for p in previews] + [self._to_wire(r) for r in results]
             with self._lock:
                 self._outbox.extend(out)
                 self._snapshot = stats
@@ -287,6 +324,19 @@ class Worker:
                 "first_scale_mean_s": sum(ttfs) / len(ttfs) if ttfs else None,
             },
         }
+
+
+def _preview_to_wire(p) -> dict:
+    """A preview as it crosses to the scheduler: not a result (``preview`` marks it), so the
+    request stays held and in flight; the image as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(p.image).save(buf, format="PNG")
+    return {"key": p.key, "preview": True, "job_id": p.job_id, "request_id": p.request_id, "scale": p.scale,
+            "png": buf.getvalue()}
 
 
 def _torch_threads() -> int:
