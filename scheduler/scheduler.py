@@ -563,23 +563,27 @@ class ServingMixin:
 
     def get_results_multi(self, job_ids: list[str], max_wait: float = 1.0, max_results: int = 512) -> dict:
         """``get_results`` for several jobs at once: waits up to ``max_wait`` until any of them
-        has a result (or is done), then hands out what each has. Unknown jobs answer
-        ``{"results": [], "done": True, "unknown": True}``."""
+        has a result (or is done) or another job is submitted (the caller may be about to wait
+        on it too), then hands out what each has. A retired job answers ``done``; an id not
+        submitted yet is left out (a server registers a job just before submitting it)."""
         deadline = time.monotonic() + max(0.0, max_wait)
         with self._cv:
+            submitted = self.counters["requests"]
             while True:
                 jobs = {j: self._jobs.jobs.get(j) for j in job_ids}
-                if any(job is None or job.results or job.finished for job in jobs.values()):
+                if any(job is not None and (job.results or job.finished) for job in jobs.values()) or \
+                        any(job is None and self._jobs.retired_status(j) is not None for j, job in jobs.items()):
                     break
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.counters["requests"] != submitted:
                     break
                 self._cv.wait(left)
             out = {}
             for j, job in jobs.items():
                 if job is None:
-                    out[j] = {"results": [], **(self._jobs.retired_status(j) or {"job_id": j, "done": True,
-                                                                                   "unknown": True})}
+                    retired = self._jobs.retired_status(j)
+                    if retired is not None:
+                        out[j] = {"results": [], **retired}
                 elif job.results or job.finished:
                     out[j] = self._jobs.take(job, max_results)
             return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from engine.api import EngineConfig, ImageEngine
@@ -50,9 +52,13 @@ def test_worker_sends_previews_keeps_the_request_held_and_cancels():
         assert got[-1]["ok"] and got[-1]["key"] == "j/r0" and w.stats()["held"] == 0
         w.pause()
         w.submit([ImageRequest(class_label=2, seed=4, request_id="r1", job_id="j")])
-        assert w.cancel(["j/r1", "j/later"]) == {"cancelled": 1}
-        res = w.poll(1.0)["results"]
-        assert [(r["key"], r["error"]) for r in res] == [("j/r1", "cancelled")]
+        w.submit([ImageRequest(class_label=2, seed=5, request_id="r2", job_id="j")])
+        time.sleep(0.3)  # the paused loop moves r1/r2 into the engine (queued, not stepped)
+        assert sum(w.cancel(["j/r1", "j/r2", "j/later"]).values()) == 3
+        res = []
+        while len(res) < 2:
+            res += w.poll(1.0)["results"]
+        assert sorted((r["key"], r["error"]) for r in res) == [("j/r1", "cancelled"), ("j/r2", "cancelled")]
         w.submit([ImageRequest(class_label=2, seed=4, request_id="later", job_id="j")])  # cancelled before it came
         assert [r["error"] for r in w.poll(1.0)["results"]] == ["cancelled"]
         assert w.stats()["engine"]["used"] == 0 and w.stats()["held"] == 0

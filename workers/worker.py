@@ -82,6 +82,7 @@ class Worker:
         self._outbox: list[dict] = []
         self._held: set[str] = set()  # keys accepted and not yet handed back by poll()
         self._cancelled: set[str] = set()  # keys cancelled before they arrived (bounded below)
+        self._cancels: dict[str, str] = {}  # key -> reason: for the loop to abort in the engine
         self._paused = False
         self._stopped = False
         self._finished_total = 0
@@ -193,30 +194,37 @@ class Worker:
     # ----- cancel (minimal version for online serving; the durable-cluster branch adds its
     # own, and the merge keeps one) ------------------------------------------------------------
     def cancel(self, keys: list[str], reason: str = "cancelled") -> dict:
-        """Fail the requests ``keys`` (``job_id/request_id``) held here: drop those still in the
-        inbox, abort those in the engine (their pages return to the pool now). Each gets an
-        error result through ``poll`` as usual; returns how many were found."""
+        """Fail the requests ``keys`` (``job_id/request_id``): those still in the inbox at once,
+        those in the engine at the loop's next turn (the loop thread aborts them, so a cancel
+        never waits behind a busy engine); their pages return to the pool and each gets an error
+        result through ``poll`` as usual. A key not here yet is refused when it arrives."""
         wanted = set(keys)
         with self._lock:
             dropped = [r for r in self._inbox if r.key in wanted]
             self._inbox = [r for r in self._inbox if r.key not in wanted]
-        with self._engine_lock:
-            aborted = [res for k in wanted for res in self.engine.abort(k, reason)]
-            aborted += [ImageResult(r.request_id, r.class_label, r.seed, job_id=r.job_id, error=reason)
-                        for r in dropped]
-            stats = self._compute_stats()
-        found = {r.key for r in dropped} | {f"{r.job_id}/{r.request_id}" if r.job_id else r.request_id
-                                             for r in aborted}
-        out = [self._to_wire(r) for r in aborted]
-        with self._lock:
-            missing = wanted - found - self._held
-            if len(self._cancelled) + len(missing) <= 4096:  # a request sent after its cancel: refuse it
-                self._cancelled |= missing
-            self._outbox = [o for o in self._outbox if not (o.get("preview") and o["key"] in wanted)] + out
-            self._snapshot = stats
-            if out:
+            for r in dropped:  # answered here, never reaching the engine (held until poll hands it out)
+                self._outbox.append(self._to_wire(ImageResult(r.request_id, r.class_label, r.seed,
+                                                              job_id=r.job_id, error=reason)))
+            rest = wanted - {r.key for r in dropped}
+            for k in rest:
+                self._cancels[k] = reason
+            self._outbox = [o for o in self._outbox if not (o.get("preview") and o["key"] in wanted)]
+            if dropped:
                 self._ready.notify_all()
-        return {"cancelled": len(out)}
+            self._work.notify()
+        return {"dropped": len(dropped), "aborting": len(rest)}
+
+    def _abort_cancelled(self, cancels: dict[str, str]) -> list[ImageResult]:
+        """Loop thread, under ``_engine_lock``: abort the cancelled requests the engine holds."""
+        out = []
+        for key, reason in cancels.items():
+            found = self.engine.abort(key, reason)
+            out += found
+            if not found:
+                with self._lock:
+                    if key not in self._held and len(self._cancelled) < 4096:
+                        self._cancelled.add(key)  # its submit may still be on the way
+        return out
 
     def pause(self) -> bool:
         """Stop stepping; accepted requests stay queued or running and keep their pages.
@@ -247,18 +255,21 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopped and not self._inbox and (self._paused or not self._busy()):
+                while not self._stopped and not self._inbox and not self._cancels and \
+                        (self._paused or not self._busy()):
                     if not self._work.wait(IDLE_WAKE_S):
                         break  # idle wake: refresh the snapshot below
                 if self._stopped:
                     return
                 batch, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, {}
                 paused = self._paused
             with self._engine_lock:
                 try:
                     for req in batch:
                         self.engine.add_request(req)  # bad input becomes an error result on the next step
-                    results = [] if paused else self._step()
+                    cancelled = self._abort_cancelled(cancels) if cancels else []
+                    results = cancelled + ([] if paused else self._step())
                 except Exception as e:  # a bug outside the engine's own error handling: fail, keep serving
                     log.exception("worker %s: loop iteration failed", self.name)
                     results = self.engine.abort_all(f"worker {self.name} loop error: {type(e).__name__}: {e}")

@@ -4,6 +4,7 @@
 - ``cluster.py``: ``cluster start|stop``, ``submit``, ``status``
 - ``model.py``: ``train``, ``eval``, ``calibrate``
 - ``bench.py``: ``bench fidelity``, ``bench load``
+- ``serve.py``: ``serve`` (OpenAI-compatible HTTP server)
 
 Building the parser imports no torch and no Ray (``scalekv --help`` answers in well under a
 second); each command imports what it needs when it runs.
@@ -18,7 +19,7 @@ import sys
 from pydantic import ValidationError
 
 from . import args as shared
-from . import bench, cluster, local, model
+from . import bench, cluster, local, model, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.register(sub)
     model.register(sub)
     bench.register(sub)
+    serve.register(sub)
     return parser
 
 
