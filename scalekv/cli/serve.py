@@ -108,6 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"({'API key required' if settings.api_key else 'no API key'}); Ctrl-C stops"
               + (" the server and its local cluster" if owned else ""), file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a graceful shutdown
+        pass
     finally:
         if owned:
             client.stop()
