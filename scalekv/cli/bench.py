@@ -20,7 +20,9 @@ Every --policy (NAME or NAME@BUDGET, e.g. scalekv@0.1; the budget defaults to --
 on the same stream (classes, image seeds, arrival times) against a pool of --kv-pool-bytes.
 
 Target: the in-process engine (default), a local Ray cluster of --cluster-workers N started for
-the run, or a running cluster (--address; its own pool and engine knobs apply).
+the run, a running cluster (--address; its own pool and engine knobs apply), or a `scalekv
+serve` HTTP server (--endpoint URL, async httpx client, n=1 per request).
+--goodput e2e:S ttfs:S adds images/s that met every SLO (seconds, as vllm bench serve).
 
 Reports images/s, latency p50/p90/p99 (end to end and time to first scale), requests running
 (peak, mean), peak KV bytes (the pool's high-water mark), pool usage over time, preemptions,
