@@ -20,6 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +60,21 @@ def _cuda_pool(config: EngineConfig, var, kv_dtype: torch.dtype, device: torch.d
     return KVPool.from_bytes(nbytes, config.block_size, heads, head_dim, kv_dtype, device)
 
 
+@dataclass
+class Preview:
+    """A running request's image so far: the accumulated feature map after scale ``scale``
+    (0-based) decoded to uint8 ``[H, W, 3]``. Only for requests with ``preview_every``."""
+
+    request_id: str
+    job_id: str | None
+    scale: int
+    image: object  # np.ndarray
+
+    @property
+    def key(self) -> str:
+        return f"{self.job_id}/{self.request_id}" if self.job_id else self.request_id
+
+
 class ImageEngine:
     """In-process engine: ``add_request`` / ``step`` / ``generate``."""
 
@@ -89,6 +105,9 @@ class ImageEngine:
         self._profile: ScaleProfile | None = None
         self.num_steps = 0
         self.num_preemptions = 0  # exact reservation: stays 0, kept for telemetry parity
+        self._previews: list[Preview] = []
+        self.num_previews = 0
+        self.preview_seconds = 0.0  # time spent decoding previews (their whole cost)
 
     # ----- requests -----------------------------------------------------------------------
     def scale_profile(self) -> ScaleProfile:
@@ -227,7 +246,7 @@ class ImageEngine:
             else:
                 self.num_steps += 1
                 now = time.perf_counter()
-                done = []
+                done, previews = [], []
                 for st in batch:
                     if st.t_first_scale is None:
                         st.t_first_scale = now
@@ -235,6 +254,10 @@ class ImageEngine:
                     self.manager.end_step(self._key(st), self._scratch_bytes(st.scale - 1))
                     if st.scale == self.model.spec.var.num_scales:
                         done.append(st)
+                    elif st.request.preview_every and st.scale % st.request.preview_every == 0:
+                        previews.append(st)
+                if previews:
+                    self._preview(previews)
                 if done:
                     self._finish(done)
         out, self._finished = self._finished, []
@@ -272,6 +295,34 @@ class ImageEngine:
                     "kv_budget": self.config.kv_budget if req.kv_budget is None else req.kv_budget,
                 },
             ))
+
+    def _preview(self, states: list[RequestState]) -> None:
+        """Decode the accumulated feature maps of ``states`` (one batched decoder pass): an
+        extra decode per preview, which is what previews cost; off unless a request asks."""
+        t0 = time.perf_counter()
+        images = image_to_uint8(self.runner.decode(states))
+        for i, st in enumerate(states):
+            req = st.request
+            self._previews.append(Preview(req.request_id, req.job_id, st.scale - 1, images[i].numpy()))
+        self.num_previews += len(states)
+        self.preview_seconds += time.perf_counter() - t0
+
+    def take_previews(self) -> list[Preview]:
+        """Previews decoded since the last call (running requests with ``preview_every``)."""
+        out, self._previews = self._previews, []
+        return out
+
+    def abort(self, request_key: str, reason: str = "cancelled") -> list[ImageResult]:
+        """Fail the queued or running request whose ``key`` (``job_id/request_id``, or the
+        request id in-process) is ``request_key`` and return its pages now; [] if none."""
+        out = []
+        for queue in (self.waiting, self.running):
+            for st in [st for st in queue if st.request.key == request_key]:
+                queue.remove(st)
+                self._release(st)
+                out.append(_error_result(st.request, reason))
+        self._previews = [p for p in self._previews if p.key != request_key]
+        return out
 
     def abort_all(self, reason: str = "aborted") -> list[ImageResult]:
         """Fail every queued and running request and return all their pages."""
@@ -322,6 +373,8 @@ class ImageEngine:
             "num_requests_waiting": len(self.waiting),
             "num_steps": self.num_steps,
             "num_preemptions": self.num_preemptions,
+            "num_previews": self.num_previews,
+            "preview_seconds": round(self.preview_seconds, 6),
         }
 
 

@@ -34,7 +34,9 @@ MAX_SEED = 2**63
 MAX_CFG = 100.0  # VAR models use 1.5-10; far beyond that the image is noise
 MAX_TOP_K = 1 << 20
 MAX_ECHO = 200  # characters of a bad value quoted in an error
-REQUEST_FIELDS = ("class_label", "seed", "cfg", "top_k", "top_p", "policy", "kv_budget", "request_id")
+MAX_PREVIEW_EVERY = 1000
+REQUEST_FIELDS = ("class_label", "seed", "cfg", "top_k", "top_p", "policy", "kv_budget", "request_id",
+                  "preview_every")
 JOB_FIELDS = (*REQUEST_FIELDS, "num")
 
 
@@ -74,6 +76,8 @@ class ImageRequest(BaseModel):
     policy: str | None = Field(None, min_length=1, max_length=64)
     kv_budget: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     request_id: str = Field("", max_length=128)
+    preview_every: int | None = Field(None, ge=1, le=MAX_PREVIEW_EVERY,
+                                      description="emit a decoded preview every k-th scale (None: no previews)")
     job_id: str | None = None  # set by the scheduler; None in-process
 
     @field_validator("class_label", mode="before")

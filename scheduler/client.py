@@ -168,13 +168,15 @@ class ClusterClient:
 
         return _unwrap(lambda: ray.get(self.scheduler.get_results.remote(job_id, max_wait)))
 
-    def stream(self, job: str | dict, max_wait: float = 1.0, timeout: float | None = None) -> Iterator[dict]:
-        """Yield results as they finish until the job is done (each result exactly once)."""
+    def stream(self, job: str | dict, max_wait: float = 1.0, timeout: float | None = None,
+               previews: bool = False) -> Iterator[dict]:
+        """Yield results as they finish until the job is done (each result exactly once);
+        ``previews``: also the preview records of requests with ``preview_every``."""
         job_id = job["job_id"] if isinstance(job, dict) else job
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             batch = self.get_results(job_id, max_wait)
-            yield from batch["results"]
+            yield from (r for r in batch["results"] if previews or not r.get("preview"))
             if batch["done"]:
                 return
             if deadline is not None and time.monotonic() > deadline:
@@ -217,6 +219,27 @@ class ClusterClient:
         with contextlib.suppress(Exception):  # already gone
             ray.kill(self.scheduler, no_restart=True)
         return summary
+
+
+# ----- online serving (scheduler/http.py) ------------------------------------------------------
+def _get_results_multi(self, job_ids: list[str], max_wait: float = 1.0) -> dict:
+    """Results of several jobs in one call (``Scheduler.get_results_multi``)."""
+    import ray
+
+    return _unwrap(lambda: ray.get(self.scheduler.get_results_multi.remote(list(job_ids), max_wait)))
+
+
+def _cancel(self, job_id: str) -> dict:
+    """Cancel a job: queued requests are dropped, running ones aborted (their pages return)."""
+    import ray
+
+    return _unwrap(lambda: ray.get(self.scheduler.cancel_job.remote(job_id)))
+
+
+# Added as plain functions so a ``cancel`` the durable-cluster branch defines in the class wins.
+for _name, _fn in (("get_results_multi", _get_results_multi), ("cancel", _cancel)):
+    if not hasattr(ClusterClient, _name):
+        setattr(ClusterClient, _name, _fn)
 
 
 def _unwrap(call):

@@ -126,10 +126,22 @@ class JobTable:
         self._maybe_done(job)
         return True
 
+    def add_preview(self, job_id: str, request_id: str, preview: dict) -> bool:
+        """Queue a running request's preview (``{"preview": True, "scale", "png"}``) for the
+        client: handed out like a result but not one (the request is not done). Dropped once
+        the request has its result or the job is gone."""
+        job = self.jobs.get(job_id)
+        if job is None or request_id in job.done:
+            return False
+        rec = {k: v for k, v in preview.items() if k != "key"}
+        rec.update(job_id=job_id, request_id=request_id, preview=True)
+        job.results.append(rec)
+        return True
+
     def take(self, job: Job, max_results: int) -> dict:
         """Hand out up to ``max_results`` results, once each; retire the job when it is done."""
         out = [job.results.popleft() for _ in range(min(max_results, len(job.results)))]
-        job.delivered += len(out)
+        job.delivered += sum(1 for r in out if not r.get("preview"))
         done = job.finished and not job.results
         if done:
             self._retire(job)

@@ -530,6 +530,11 @@ class Scheduler:
             self._mark_suspect(w, f"worker restarted (incarnation {value['incarnation']})")
         for res in value["results"]:
             key = res.get("key", "")
+            if res.get("preview"):  # a running request's preview: not its result, it stays in flight
+                job_id, _, request_id = key.partition("/")
+                if self._jobs.add_preview(job_id, request_id, res):
+                    self._cv.notify_all()
+                continue
             item = w.in_flight.pop(key, None) if same else None
             if item is not None:
                 w.reserved_pages -= item.demand
@@ -548,6 +553,70 @@ class Scheduler:
                                f"(last: {w.error or 'starting'}; enough CPU/GPU in the Ray cluster?)")
                     self._requeue_all(w, w.error)
                     self._cv.notify_all()
+
+
+# ----- online serving (scheduler/http.py): additive API ----------------------------------------
+class ServingMixin:
+    """``get_results_multi`` (one long poll for every job an HTTP server waits on) and a minimal
+    ``cancel_job``. The durable-cluster branch adds its own ``cancel_job``: the merge keeps one
+    (this one frees queued entries and asks workers to abort running ones, whose pages return)."""
+
+    def get_results_multi(self, job_ids: list[str], max_wait: float = 1.0, max_results: int = 512) -> dict:
+        """``get_results`` for several jobs at once: waits up to ``max_wait`` until any of them
+        has a result (or is done) or another job is submitted (the caller may be about to wait
+        on it too), then hands out what each has. A retired job answers ``done``; an id not
+        submitted yet is left out (a server registers a job just before submitting it)."""
+        deadline = time.monotonic() + max(0.0, max_wait)
+        with self._cv:
+            submitted = self.counters["requests"]
+            while True:
+                jobs = {j: self._jobs.jobs.get(j) for j in job_ids}
+                if any(job is not None and (job.results or job.finished) for job in jobs.values()) or \
+                        any(job is None and self._jobs.retired_status(j) is not None for j, job in jobs.items()):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or self.counters["requests"] != submitted:
+                    break
+                self._cv.wait(left)
+            out = {}
+            for j, job in jobs.items():
+                if job is None:
+                    retired = self._jobs.retired_status(j)
+                    if retired is not None:
+                        out[j] = {"results": [], **retired}
+                elif job.results or job.finished:
+                    out[j] = self._jobs.take(job, max_results)
+            return out
+
+    def cancel_job(self, job_id: str, reason: str = "cancelled") -> dict:
+        """Cancel what is left of a job: queued requests end at once with an error result (no
+        worker saw them); running ones are aborted by their workers, which return their pages
+        and answer with an error result through the usual poll."""
+        with self._cv:
+            job = self._jobs.jobs.get(job_id)
+            if job is None:
+                if self._jobs.retired_status(job_id) is None:
+                    raise ValueError(f"job_id: unknown job {job_id!r}")
+                return {"job_id": job_id, "queued": 0, "running": 0}
+            queued = [it for it in self._queue if it.job_id == job_id]
+            for it in queued:
+                self._queue.remove(it)
+                self._result(it.job_id, it.request.request_id, None, it, error=reason)
+            running = 0
+            for w in self._workers.values():
+                keys = [k for k, it in w.in_flight.items() if it.job_id == job_id]
+                if keys and w.state == "alive":
+                    ref = w.handle.cancel.remote(keys, reason)
+                    self._calls[ref] = ("cancel", w.name, w.incarnation, None)
+                    running += len(keys)
+            self._cv.notify_all()
+        log.info("job %s: cancelled %d queued, %d running request(s)", job_id, len(queued), running)
+        return {"job_id": job_id, "queued": len(queued), "running": running}
+
+
+for _name in ("get_results_multi", "cancel_job"):  # keep a method of the same name that Scheduler defines
+    if not hasattr(Scheduler, _name):
+        setattr(Scheduler, _name, getattr(ServingMixin, _name))
 
 
 def start_scheduler(config: SchedulerConfig, detached: bool = True, runtime_env: dict | None = None):

@@ -81,6 +81,8 @@ class Worker:
         self._inbox: list[ImageRequest] = []
         self._outbox: list[dict] = []
         self._held: set[str] = set()  # keys accepted and not yet handed back by poll()
+        self._cancelled: set[str] = set()  # keys cancelled before they arrived (bounded below)
+        self._cancels: dict[str, str] = {}  # key -> reason: for the loop to abort in the engine
         self._paused = False
         self._stopped = False
         self._finished_total = 0
@@ -149,6 +151,12 @@ class Worker:
         dups = []
         with self._lock:
             for r in requests:
+                if r.key in self._cancelled:  # cancelled before its submit arrived (calls may pass each other)
+                    self._cancelled.discard(r.key)
+                    self._outbox.append(self._to_wire(ImageResult(r.request_id, r.class_label, r.seed,
+                                                                  job_id=r.job_id, error="cancelled")))
+                    self._ready.notify_all()
+                    continue
                 if r.key in self._held:
                     dups.append(r.key)
                     continue
@@ -170,7 +178,8 @@ class Worker:
                 self._ready.wait(left)
             out, self._outbox = self._outbox, []
             for r in out:
-                self._held.discard(r["key"])
+                if not r.get("preview"):  # a preview is not the request's result: it stays held
+                    self._held.discard(r["key"])
             snapshot = dict(self._snapshot, inbox=len(self._inbox), held=len(self._held))
         return {"incarnation": self.incarnation, "results": out, "stats": snapshot}
 
@@ -181,6 +190,41 @@ class Worker:
         with self._lock:
             s.update(inbox=len(self._inbox), held=len(self._held))
         return s
+
+    # ----- cancel (minimal version for online serving; the durable-cluster branch adds its
+    # own, and the merge keeps one) ------------------------------------------------------------
+    def cancel(self, keys: list[str], reason: str = "cancelled") -> dict:
+        """Fail the requests ``keys`` (``job_id/request_id``): those still in the inbox at once,
+        those in the engine at the loop's next turn (the loop thread aborts them, so a cancel
+        never waits behind a busy engine); their pages return to the pool and each gets an error
+        result through ``poll`` as usual. A key not here yet is refused when it arrives."""
+        wanted = set(keys)
+        with self._lock:
+            dropped = [r for r in self._inbox if r.key in wanted]
+            self._inbox = [r for r in self._inbox if r.key not in wanted]
+            for r in dropped:  # answered here, never reaching the engine (held until poll hands it out)
+                self._outbox.append(self._to_wire(ImageResult(r.request_id, r.class_label, r.seed,
+                                                              job_id=r.job_id, error=reason)))
+            rest = wanted - {r.key for r in dropped}
+            for k in rest:
+                self._cancels[k] = reason
+            self._outbox = [o for o in self._outbox if not (o.get("preview") and o["key"] in wanted)]
+            if dropped:
+                self._ready.notify_all()
+            self._work.notify()
+        return {"dropped": len(dropped), "aborting": len(rest)}
+
+    def _abort_cancelled(self, cancels: dict[str, str]) -> list[ImageResult]:
+        """Loop thread, under ``_engine_lock``: abort the cancelled requests the engine holds."""
+        out = []
+        for key, reason in cancels.items():
+            found = self.engine.abort(key, reason)
+            out += found
+            if not found:
+                with self._lock:
+                    if key not in self._held and len(self._cancelled) < 4096:
+                        self._cancelled.add(key)  # its submit may still be on the way
+        return out
 
     def pause(self) -> bool:
         """Stop stepping; accepted requests stay queued or running and keep their pages.
@@ -211,23 +255,27 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopped and not self._inbox and (self._paused or not self._busy()):
+                while not self._stopped and not self._inbox and not self._cancels and \
+                        (self._paused or not self._busy()):
                     if not self._work.wait(IDLE_WAKE_S):
                         break  # idle wake: refresh the snapshot below
                 if self._stopped:
                     return
                 batch, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, {}
                 paused = self._paused
             with self._engine_lock:
                 try:
                     for req in batch:
                         self.engine.add_request(req)  # bad input becomes an error result on the next step
-                    results = [] if paused else self._step()
+                    cancelled = self._abort_cancelled(cancels) if cancels else []
+                    results = cancelled + ([] if paused else self._step())
                 except Exception as e:  # a bug outside the engine's own error handling: fail, keep serving
                     log.exception("worker %s: loop iteration failed", self.name)
                     results = self.engine.abort_all(f"worker {self.name} loop error: {type(e).__name__}: {e}")
+                previews = self.engine.take_previews()
                 stats = self._compute_stats()
-            out = [self._to_wire(r) for r in results]
+            out = [_preview_to_wire(p) for p in previews] + [self._to_wire(r) for r in results]
             with self._lock:
                 self._outbox.extend(out)
                 self._snapshot = stats
@@ -287,6 +335,19 @@ class Worker:
                 "first_scale_mean_s": sum(ttfs) / len(ttfs) if ttfs else None,
             },
         }
+
+
+def _preview_to_wire(p) -> dict:
+    """A preview as it crosses to the scheduler: not a result (``preview`` marks it), so the
+    request stays held and in flight; the image as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(p.image).save(buf, format="PNG")
+    return {"key": p.key, "preview": True, "job_id": p.job_id, "request_id": p.request_id, "scale": p.scale,
+            "png": buf.getvalue()}
 
 
 def _torch_threads() -> int:

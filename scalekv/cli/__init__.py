@@ -5,6 +5,7 @@
 - ``model.py``: ``train``, ``eval``, ``calibrate``
 - ``bench.py``: ``bench fidelity``, ``bench load``
 - ``plan.py``: ``plan`` (capacity planner); ``profile.py``: ``profile import`` (released ScaleKV budgets)
+- ``serve.py``: ``serve`` (OpenAI-compatible HTTP server)
 
 Building the parser imports no torch and no Ray (``scalekv --help`` answers in well under a
 second); each command imports what it needs when it runs.
@@ -19,7 +20,7 @@ import sys
 from pydantic import ValidationError
 
 from . import args as shared
-from . import bench, cluster, local, model, plan, profile
+from . import bench, cluster, local, model, plan, profile, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     plan.register(sub)
     profile.register(sub)
+    serve.register(sub)
     return parser
 
 

@@ -20,7 +20,9 @@ Every --policy (NAME or NAME@BUDGET, e.g. scalekv@0.1; the budget defaults to --
 on the same stream (classes, image seeds, arrival times) against a pool of --kv-pool-bytes.
 
 Target: the in-process engine (default), a local Ray cluster of --cluster-workers N started for
-the run, or a running cluster (--address; its own pool and engine knobs apply).
+the run, a running cluster (--address; its own pool and engine knobs apply), or a `scalekv
+serve` HTTP server (--endpoint URL, async httpx client, n=1 per request).
+--goodput e2e:S ttfs:S adds images/s that met every SLO (seconds, as vllm bench serve).
 
 Reports images/s, latency p50/p90/p99 (end to end and time to first scale), requests running
 (peak, mean), peak KV bytes (the pool's high-water mark), pool usage over time, preemptions,
@@ -93,7 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "`scalekv cluster start` recorded)")
     where.add_argument("--cluster-workers", type=int, default=None,
                        help="start a local Ray cluster with N workers for the run (default: in-process engine)")
+    where.add_argument("--endpoint", default=None,
+                       help="run against a `scalekv serve` HTTP server, e.g. http://127.0.0.1:8000 (async httpx "
+                            "client; its cluster's pool and engine knobs apply)")
     p.add_argument("--cluster-name", default=None, help="scheduler name on the cluster (default: scalekv's)")
+    p.add_argument("--api-key", default=None, help="--endpoint: bearer token (default: $SCALEKV_API_KEY)")
     a = p.add_argument_group("load")
     a.add_argument("--num-requests", type=int, default=32, help="requests per run")
     a.add_argument("--request-rate", type=_rate, default=math.inf,
@@ -111,7 +117,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--max-duration", type=_positive_float, default=None,
                    help="abort a run after this many seconds (its unfinished requests count as errors)")
     a.add_argument("--sample-interval", type=_positive_float, default=0.05,
-                   help="cluster: seconds between pool samples")
+                   help="cluster, endpoint: seconds between pool samples")
+    a.add_argument("--goodput", nargs="+", default=None, metavar="SLO:SECONDS",
+                   help="report goodput: images/s meeting every SLO, e.g. --goodput e2e:5 ttfs:0.5 "
+                        "(as vllm bench serve, in seconds)")
     e = p.add_argument_group("policies")
     e.add_argument("--policy", dest="policies", action="append", default=None, metavar="NAME[@BUDGET]",
                    help="KV policy to run, repeatable (e.g. --policy full --policy scalekv@0.1; default full); "
@@ -179,9 +188,27 @@ def cmd_load(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"scalekv bench load: error: {e}", file=sys.stderr)
         return 2
+    from benchmarks.http_load import apply_goodput, format_extras, parse_goodput
+
+    try:
+        slos = parse_goodput(args.goodput)
+    except ValueError as e:
+        print(f"scalekv bench load: error: {e}", file=sys.stderr)
+        return 2
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     shared.set_threads(args.threads)
-    if args.address is None and args.cluster_workers is None:
+    if args.endpoint is not None:
+        import os
+
+        from benchmarks.http_load import HttpTarget
+
+        try:
+            target = HttpTarget(args.endpoint, args.api_key or os.environ.get("SCALEKV_API_KEY"))
+        except Exception as e:  # refused, 401, not a scalekv server
+            print(f"scalekv bench load: error: {args.endpoint}: {e}", file=sys.stderr)
+            return 2
+        report = run_load(target, cfg, progress)
+    elif args.address is None and args.cluster_workers is None:
         from engine.models.registry import build_model
 
         model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init,
@@ -191,8 +218,10 @@ def cmd_load(args: argparse.Namespace) -> int:
         report = _run_on_cluster(args, cfg, ecfg, progress)
         if report is None:
             return 2
+    extras = format_extras(apply_goodput(report, slos))  # also notes runs capped by --max-concurrency
     written = write_outputs(report, args.report, args.plot)
-    print(json.dumps(report, default=str) if args.json else format_table(report), flush=True)
+    text = format_table(report) + (f"\n{extras}" if extras else "")
+    print(json.dumps(report, default=str) if args.json else text, flush=True)
     for w in written:
         print(f"wrote {w}", file=sys.stderr)
     return 1 if any(r["summary"]["errors"] for r in report["runs"]) else 0
