@@ -117,6 +117,9 @@ class ImageEngine:
         once with an error result (see ``step``); returns False in that case."""
         spec = self.model.spec
         try:
+            if request.prompt is not None or request.class_label is None:
+                raise ValueError(f"{'prompt' if request.prompt is not None else 'class_label'}: model "
+                                 f"{spec.name!r} is class-conditional: give a class_label, not a prompt")
             try:
                 label = resolve_class(request.class_label, spec.class_names, spec.var.num_classes)
             except ValueError as e:
@@ -167,14 +170,20 @@ class ImageEngine:
 
     def _schedule(self) -> list[RequestState]:
         batch, tokens = [], 0
-        lengths = self.model.spec.var.scale_lengths()
         for st in self.running:
-            need = 2 * lengths[st.scale]
+            need = self._step_tokens(st)
             if batch and tokens + need > self.config.max_batch_tokens:
                 continue
             batch.append(st)
             tokens += need
         return batch
+
+    def _step_tokens(self, st: RequestState) -> int:
+        """Tokens a request adds to the next step (both CFG branches)."""
+        return 2 * self.model.spec.var.scale_lengths()[st.scale]
+
+    def _is_done(self, st: RequestState) -> bool:
+        return st.scale == self.model.spec.var.num_scales
 
     def _key(self, st: RequestState) -> str:
         """Reservation key: the engine's own sequence ids, unique even when callers reuse a
@@ -209,7 +218,7 @@ class ImageEngine:
                     if st.t_first_scale is None:
                         st.t_first_scale = now
                     self.manager.note_tokens_peak(self._key(st))
-                    if st.scale == self.model.spec.var.num_scales:
+                    if self._is_done(st):
                         done.append(st)
                 if done:
                     self._finish(done)
@@ -286,6 +295,13 @@ class ImageEngine:
                         refiner += n
         return {"drafter_pages": drafter, "refiner_pages": refiner}
 
+    def model_facts(self) -> dict:
+        """What the scheduler validates job records against (``validate_records``)."""
+        spec = self.model.spec
+        return {"kind": "var", "num_classes": spec.var.num_classes,
+                "class_names": list(spec.class_names) if spec.class_names else None,
+                "num_scales": spec.var.num_scales, "resolutions": None}
+
     def stats(self) -> dict:
         return {
             **self.manager.stats(),
@@ -297,9 +313,21 @@ class ImageEngine:
         }
 
 
+def make_engine(model, config: EngineConfig | None = None, **kw) -> ImageEngine:
+    """The engine for a loaded model of either family (``build_model``'s result): an
+    ``ImageEngine`` for VAR, an ``InfinityEngine`` for Infinity (``kw``: its ``text_encoder``)."""
+    from .models.registry import LoadedInfinity
+
+    if isinstance(model, LoadedInfinity):
+        from .infinity_engine import InfinityEngine
+
+        return InfinityEngine(model, config, **kw)
+    return ImageEngine(model, config, **kw)
+
+
 def _error_result(request: ImageRequest, message: str) -> ImageResult:
     """A request answered with an error; ``fields`` names the request field when the message
     starts with one (``kv_budget: ...``)."""
     head = message.split(":", 1)[0]
     return ImageResult(request.request_id, request.class_label, request.seed, job_id=request.job_id,
-                       error=message, fields=(head,) if head in REQUEST_FIELDS else ())
+                       error=message, fields=(head,) if head in REQUEST_FIELDS else (), prompt=request.prompt)
