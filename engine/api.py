@@ -96,11 +96,16 @@ class ImageEngine:
         self.manager = MemoryManager(self.pool)
         backend = config.attention_backend
         self.runner = ModelRunner(model, self.pool, self.manager, self.dtype, backend)
+        self._init_bookkeeping()
+
+    def _init_bookkeeping(self) -> None:
+        """Queues, caches and counters: the same for every model family (an engine subclass that
+        builds its own pool and runner calls this too)."""
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self._finished: list[ImageResult] = []
         self._seq_ids = itertools.count()
-        self._plans: dict[tuple[str, float], KVPlan] = {}
+        self._plans: dict[tuple, KVPlan] = {}
         self._policies: dict[str, SelectionPolicy] = {}
         self._profile: ScaleProfile | None = None
         self.num_steps = 0
@@ -157,6 +162,9 @@ class ImageEngine:
         once with an error result (see ``step``); returns False in that case."""
         spec = self.model.spec
         try:
+            if request.prompt is not None or request.class_label is None:
+                raise ValueError(f"{'prompt' if request.prompt is not None else 'class_label'}: model "
+                                 f"{spec.name!r} is class-conditional: give a class_label, not a prompt")
             try:
                 label = resolve_class(request.class_label, spec.class_names, spec.var.num_classes)
             except ValueError as e:
@@ -207,14 +215,20 @@ class ImageEngine:
 
     def _schedule(self) -> list[RequestState]:
         batch, tokens = [], 0
-        lengths = self.model.spec.var.scale_lengths()
         for st in self.running:
-            need = 2 * lengths[st.scale]
+            need = self._step_tokens(st)
             if batch and tokens + need > self.config.max_batch_tokens:
                 continue
             batch.append(st)
             tokens += need
         return batch
+
+    def _step_tokens(self, st: RequestState) -> int:
+        """Tokens a request adds to the next step (both CFG branches)."""
+        return self._step_tokens_of(st, st.scale)
+
+    def _is_done(self, st: RequestState) -> bool:
+        return st.scale == self.model.spec.var.num_scales
 
     def _key(self, st: RequestState) -> str:
         """Reservation key: the engine's own sequence ids, unique even when callers reuse a
@@ -251,8 +265,8 @@ class ImageEngine:
                     if st.t_first_scale is None:
                         st.t_first_scale = now
                     self.manager.note_tokens_peak(self._key(st))
-                    self.manager.end_step(self._key(st), self._scratch_bytes(st.scale - 1))
-                    if st.scale == self.model.spec.var.num_scales:
+                    self.manager.end_step(self._key(st), self._scratch_bytes(st))
+                    if self._is_done(st):
                         done.append(st)
                     elif st.request.preview_every and st.scale % st.request.preview_every == 0:
                         previews.append(st)
@@ -263,11 +277,15 @@ class ImageEngine:
         out, self._finished = self._finished, []
         return out
 
-    def _scratch_bytes(self, scale: int) -> int:
-        """K and V of one layer for the scale's tokens, both CFG sequences: they exist outside the
-        pool while a layer attends (the scratch the true per-step peak counts)."""
-        var = self.model.spec.var
-        return 2 * var.scale_lengths()[scale] * 2 * var.width * self.pool.kv.element_size()
+    def _scratch_bytes(self, st: RequestState) -> int:
+        """K and V of one layer for the tokens of the step just run (both CFG sequences): they
+        exist outside the pool while a layer attends (the scratch the true per-step peak counts)."""
+        heads, head_dim = self.pool.kv.shape[-2:]
+        return self._step_tokens_of(st, st.scale - 1) * 2 * heads * head_dim * self.pool.kv.element_size()
+
+    def _step_tokens_of(self, st: RequestState, scale: int) -> int:
+        """Tokens of both CFG sequences at ``scale``."""
+        return 2 * self.model.spec.var.scale_lengths()[scale]
 
     def _finish(self, done: list[RequestState]) -> None:
         images = image_to_uint8(self.runner.decode(done))
@@ -365,6 +383,13 @@ class ImageEngine:
                         refiner += n
         return {"drafter_pages": drafter, "refiner_pages": refiner}
 
+    def model_facts(self) -> dict:
+        """What the scheduler validates job records against (``validate_records``)."""
+        spec = self.model.spec
+        return {"kind": "var", "num_classes": spec.var.num_classes,
+                "class_names": list(spec.class_names) if spec.class_names else None,
+                "num_scales": spec.var.num_scales, "resolutions": None}
+
     def stats(self) -> dict:
         return {
             **self.manager.stats(),
@@ -378,9 +403,21 @@ class ImageEngine:
         }
 
 
+def make_engine(model, config: EngineConfig | None = None, **kw) -> ImageEngine:
+    """The engine for a loaded model of either family (``build_model``'s result): an
+    ``ImageEngine`` for VAR, an ``InfinityEngine`` for Infinity (``kw``: its ``text_encoder``)."""
+    from .models.registry import LoadedInfinity
+
+    if isinstance(model, LoadedInfinity):
+        from .infinity_engine import InfinityEngine
+
+        return InfinityEngine(model, config, **kw)
+    return ImageEngine(model, config, **kw)
+
+
 def _error_result(request: ImageRequest, message: str) -> ImageResult:
     """A request answered with an error; ``fields`` names the request field when the message
     starts with one (``kv_budget: ...``)."""
     head = message.split(":", 1)[0]
     return ImageResult(request.request_id, request.class_label, request.seed, job_id=request.job_id,
-                       error=message, fields=(head,) if head in REQUEST_FIELDS else ())
+                       error=message, fields=(head,) if head in REQUEST_FIELDS else (), prompt=request.prompt)

@@ -62,6 +62,9 @@ class EngineConfig:
                                            "scale)")
     budget_delta: float | None = _knob(None, "scalekv: the refiner budget decays by this many tokens per "
                                              "compressed scale (default: drafters keep all)")
+    text_encoder: str | None = _knob(None, "text-to-image models (Infinity): a local directory holding the "
+                                           "prompt encoder (a saved T5EncoderModel + tokenizer, e.g. Flan-T5-XL); "
+                                           "nothing is downloaded")
 
     def __post_init__(self) -> None:
         if isinstance(self.budget_delta, str):  # from the environment

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 MAX_NUM = 10_000  # per record: a typo like num=1e6 should be an error, not a day of compute
@@ -35,8 +35,13 @@ MAX_CFG = 100.0  # VAR models use 1.5-10; far beyond that the image is noise
 MAX_TOP_K = 1 << 20
 MAX_ECHO = 200  # characters of a bad value quoted in an error
 MAX_PREVIEW_EVERY = 1000
-REQUEST_FIELDS = ("class_label", "seed", "cfg", "top_k", "top_p", "policy", "kv_budget", "request_id",
+MAX_PROMPT = 4096  # characters of a prompt (the text encoder truncates to its token limit anyway)
+MAX_H_DIV_W = 100.0
+REQUEST_FIELDS = ("class_label", "prompt", "negative_prompt", "h_div_w", "aspect_ratio", "resolution", "seed", "cfg",
+                  "tau", "top_k", "top_p", "policy", "kv_budget", "request_id",
                   "preview_every")
+MODEL_KINDS = ("var", "infinity")  # class-conditional VAR, text-to-image Infinity
+INFINITY_ONLY = ("prompt", "negative_prompt", "h_div_w", "aspect_ratio", "resolution", "tau")
 JOB_FIELDS = (*REQUEST_FIELDS, "num")
 
 
@@ -61,16 +66,55 @@ def resolve_class(value: int | str, class_names: Sequence[str] | None, num_class
     return value
 
 
+def parse_aspect_ratio(text: str) -> float:
+    """``"16:9"`` (width:height, as screens are named) -> h_div_w = 9 / 16. Raises ValueError."""
+    w, sep, h = str(text).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        wf, hf = float(w), float(h)
+    except ValueError:
+        raise ValueError(f"expected WIDTH:HEIGHT such as '16:9' or '1:1', got {short_repr(text)}") from None
+    if not (wf > 0 and hf > 0) or wf != wf or hf != hf or hf / wf > MAX_H_DIV_W or wf / hf > MAX_H_DIV_W:
+        raise ValueError(f"both sides must be > 0 and within a ratio of {MAX_H_DIV_W:g}, got {short_repr(text)}")
+    return hf / wf
+
+
+def _kind(info: ValidationInfo) -> str | None:
+    """The model kind named by the validation context: ``"infinity"``, ``"var"`` (a context with
+    class facts but no kind is VAR, as before Infinity existed), or None (no context)."""
+    ctx = info.context or {}
+    if ctx.get("kind") is not None:
+        return ctx["kind"]
+    return "var" if ("class_names" in ctx or "num_classes" in ctx) else None
+
+
 class ImageRequest(BaseModel):
-    """One image to generate. ``cfg`` / ``top_k`` / ``top_p`` of None take the model's defaults;
-    ``policy`` / ``kv_budget`` of None take the engine's. ``class_label`` is an index or, for
-    models with named classes, a name (``"ring-striped"``); the engine resolves names."""
+    """One image to generate. ``cfg`` / ``tau`` / ``top_k`` / ``top_p`` of None take the model's
+    defaults; ``policy`` / ``kv_budget`` of None take the engine's.
+
+    Class-conditional models (VAR) take ``class_label``: an index or, for models with named
+    classes, a name (``"ring-striped"``); the engine resolves names. Text-to-image models
+    (Infinity) take ``prompt`` (and optionally ``negative_prompt``, which replaces the learned
+    unconditional text), an aspect ratio as ``h_div_w`` (height / width) or ``aspect_ratio``
+    ``"W:H"`` (``"16:9"``), snapped by the engine to the model's nearest template, a named
+    ``resolution`` (``"0.06M"``, ``"0.25M"``, ``"1M"``; the model's default when None) and
+    ``tau`` (logit temperature). Exactly one of ``class_label`` / ``prompt``, as the model's
+    kind asks: the validation context (``kind``) says which; without one, exactly one is given.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    class_label: int | str = Field(union_mode="left_to_right")
+    class_label: int | str | None = Field(None, union_mode="left_to_right", validate_default=True)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT, validate_default=True)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT)
+    h_div_w: float | None = Field(None, gt=0, le=MAX_H_DIV_W, allow_inf_nan=False,
+                                  description="height / width (default 1.0)")
+    aspect_ratio: str | None = Field(None, max_length=32, description="'W:H', e.g. '16:9'")
+    resolution: str | None = Field(None, min_length=1, max_length=16)
     seed: int = Field(0, ge=0, lt=MAX_SEED)
     cfg: float | None = Field(None, ge=0, le=MAX_CFG, allow_inf_nan=False, description="guidance scale")
+    tau: float | None = Field(None, gt=0, le=MAX_CFG, allow_inf_nan=False, description="logit temperature")
     top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="0 disables")
     top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="0 disables")
     policy: str | None = Field(None, min_length=1, max_length=64)
@@ -82,13 +126,74 @@ class ImageRequest(BaseModel):
 
     @field_validator("class_label", mode="before")
     @classmethod
-    def _class_label(cls, v: Any, info: ValidationInfo) -> int | str:
+    def _class_label(cls, v: Any, info: ValidationInfo) -> int | str | None:
+        kind = _kind(info)
+        if v is None:
+            if kind == "var":
+                raise ValueError("missing (required)")
+            return None  # Infinity, or no context: the prompt check decides
+        if kind == "infinity":
+            raise ValueError("the model is text-to-image: give a prompt, not a class_label")
         if isinstance(v, bool) or not isinstance(v, (int, str)):
             raise ValueError(f"must be a class index or name, got {type(v).__name__} {short_repr(v)}")
         ctx = info.context or {}
         if "class_names" in ctx or "num_classes" in ctx:
             return resolve_class(v, ctx.get("class_names"), ctx.get("num_classes"))
         return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | None, info: ValidationInfo) -> str | None:
+        kind = _kind(info)
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        if kind == "infinity" and v is None:
+            raise ValueError("missing (required: the model is text-to-image)")
+        if kind == "var" and v is not None:
+            raise ValueError("the model is class-conditional: give a class_label, not a prompt")
+        if kind is None and v is None and info.data.get("class_label") is None and "class_label" in info.data:
+            raise ValueError("give a prompt (text-to-image models) or a class_label (class-conditional models)")
+        if kind is None and v is not None and info.data.get("class_label") is not None:
+            raise ValueError("give a prompt or a class_label, not both")
+        return v
+
+    @field_validator("negative_prompt", "h_div_w", "aspect_ratio", "resolution", "tau")
+    @classmethod
+    def _infinity_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and _kind(info) == "var":
+            raise ValueError("only text-to-image models take it; this model is class-conditional")
+        if info.field_name == "negative_prompt" and v is not None and not v.strip():
+            raise ValueError("must not be empty (leave it out for the learned unconditional text)")
+        if info.field_name == "aspect_ratio" and v is not None:
+            parse_aspect_ratio(v)
+        if info.field_name == "resolution" and v is not None:
+            known = (info.context or {}).get("resolutions")
+            if known is not None and v not in known:
+                raise ValueError(f"unknown resolution {short_repr(v)} (the model has: {', '.join(known)})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_ratio(self) -> ImageRequest:
+        both = self.h_div_w is not None and self.aspect_ratio is not None
+        if both and abs(parse_aspect_ratio(self.aspect_ratio) - self.h_div_w) > 1e-9 * self.h_div_w:
+            raise ValueError(f"h_div_w: {self.h_div_w} disagrees with aspect_ratio {self.aspect_ratio!r} "
+                             "(give one of them)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``"infinity"`` for a prompt, else ``"var"``."""
+        return "infinity" if self.prompt is not None else "var"
+
+    @property
+    def height_over_width(self) -> float:
+        """The requested aspect ratio (height / width) before snapping: ``h_div_w``, else
+        ``aspect_ratio``, else 1."""
+        if self.h_div_w is not None:
+            return float(self.h_div_w)
+        if self.aspect_ratio is not None:
+            return parse_aspect_ratio(self.aspect_ratio)
+        return 1.0
 
     def resolved(self, default_cfg: float, default_top_k: int, default_top_p: float) -> ImageRequest:
         """A copy with the model's sampling defaults filled in."""
@@ -138,6 +243,11 @@ def field_errors(e: ValidationError) -> list[FieldError]:
     out: dict[str, list[str]] = {}
     for err in e.errors(include_url=False):
         name = str(err["loc"][0]) if err["loc"] else "record"
+        if not err["loc"] and err["type"] == "value_error":  # a whole-record rule that names its field
+            head, sep, rest = err["msg"].removeprefix("Value error, ").partition(": ")
+            if sep and head in JOB_FIELDS:
+                out.setdefault(head, []).append(rest)
+                continue
         if err["type"] == "extra_forbidden":
             reason = f"unknown field (known fields: {', '.join(JOB_FIELDS)})"
         elif err["type"] == "missing":
@@ -190,14 +300,23 @@ class ValidatedJob:
 
 def validate_records(records: Iterable[Any], class_names: Sequence[str] | None = None,
                      num_classes: int | None = None, where: Sequence[str] | None = None,
-                     decode_errors: dict[int, str] | None = None) -> ValidatedJob:
+                     decode_errors: dict[int, str] | None = None, kind: str = "var",
+                     resolutions: Sequence[str] | None = None) -> ValidatedJob:
     """Validate and expand job records (dicts). Every record ends as its requests or as one
     error naming every bad field. Ids are unique within the job: the first valid record that
     claims an id wins, a later one is an error; an error result takes its record's id (or the
     default ``r<index>``) only when nothing else holds it, else ``#<record>`` (a name no request
-    can have), so an error can never shadow a valid image. ``decode_errors``: records that could not even be decoded."""
+    can have), so an error can never shadow a valid image. ``decode_errors``: records that could not even be decoded.
+    ``kind``: the model's kind (``MODEL_KINDS``): ``"var"`` records need a ``class_label``,
+    ``"infinity"`` records a ``prompt`` (and a ``resolution`` among ``resolutions``)."""
     records = list(records)
-    ctx = {"class_names": list(class_names) if class_names is not None else None, "num_classes": num_classes}
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    if kind == "var":
+        ctx = {"kind": kind, "class_names": list(class_names) if class_names is not None else None,
+               "num_classes": num_classes}
+    else:
+        ctx = {"kind": kind, "resolutions": list(resolutions) if resolutions is not None else None}
     decode_errors = decode_errors or {}
     valid: list[tuple[int, list[ImageRequest]]] = []
     failed: list[tuple[int, str | None, list[FieldError]]] = []
@@ -252,7 +371,8 @@ class ImageResult:
     class_label: int | str | None
     seed: int | None
     job_id: str | None = None
-    tokens: list[int] | None = None  # every scale's token ids, flattened coarse to fine
+    tokens: list[int] | None = None  # every scale's token ids, flattened coarse to fine (Infinity: each
+    # token's bits packed into one int, bit 0 the most significant: weights 2^(d-1) .. 1)
     image: np.ndarray | None = None  # uint8 [H, W, 3] (in-process only)
     png: bytes | None = None  # the image as it crosses processes
     kv_peak_bytes: int = 0
@@ -261,6 +381,7 @@ class ImageResult:
     fields: tuple[str, ...] = ()
     record: int | None = None  # index of the job record it came from
     stats: dict = field(default_factory=dict)
+    prompt: str | None = None  # text-to-image requests: the prompt (class_label is None)
 
     @property
     def ok(self) -> bool:
@@ -283,6 +404,7 @@ class ImageResult:
             "request_id": self.request_id,
             "record": self.record,
             "class_label": self.class_label,
+            "prompt": self.prompt,
             "seed": self.seed,
             "ok": self.ok,
             "error": self.error,
@@ -302,7 +424,7 @@ class ImageResult:
                    png=png if isinstance(png, (bytes, bytearray)) else None,
                    kv_peak_bytes=rec.get("kv_peak_bytes", 0), seconds=rec.get("seconds", 0.0),
                    error=rec.get("error"), fields=tuple(rec.get("fields") or ()), record=rec.get("record"),
-                   stats=dict(rec.get("stats") or {}))
+                   stats=dict(rec.get("stats") or {}), prompt=rec.get("prompt"))
 
     def decoded_image(self) -> np.ndarray:
         """The image as uint8 [H, W, 3], decoding the PNG if it came over the wire."""

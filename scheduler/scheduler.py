@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.request import FieldError, RecordError
+from engine.request import FieldError, ImageRequest, RecordError
 
 from .config import NAMESPACE, SchedulerConfig
 from .jobs import Item, JobTable
@@ -169,8 +169,9 @@ class Scheduler:
         elif not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
             raise ValueError(f"job_id: must be 1-64 characters of [A-Za-z0-9._-], got {job_id!r}")
         info = self._wait_model_info(timeout)
-        parsed = validate_job(records, info.get("class_names"), info["num_classes"])
-        demands = {k: self._page_demand(*k) for k in {(r.policy, r.kv_budget) for r in parsed.requests}}
+        parsed = validate_job(records, info.get("class_names"), info["num_classes"], kind=info.get("kind") or "var",
+                              resolutions=info.get("resolutions"))
+        demands = {k: self._page_demand(*k) for k in {_demand_key(r) for r in parsed.requests}}
         now = time.monotonic()
         with self._cv:
             job = self._jobs.create(job_id, name, parsed.total)
@@ -178,7 +179,7 @@ class Scheduler:
                 self._jobs.add_error(job, err)
             queued = 0
             for r in parsed.requests:
-                d = demands[(r.policy, r.kv_budget)]
+                d = demands[_demand_key(r)]
                 record = parsed.record_of[r.request_id]
                 if "error" in d:
                     field_ = d.get("field", "policy")
@@ -301,12 +302,13 @@ class Scheduler:
                 self._cv.wait(min(left, 1.0))
             return self._model_info
 
-    def _page_demand(self, policy: str | None, kv_budget: float | None) -> dict:
-        """Pages per request for (policy, budget), asked of a live worker's engine (all workers
-        run the same model and config) and cached; an error dict for a rejected policy."""
+    def _page_demand(self, policy: str | None, kv_budget: float | None, *shape) -> dict:
+        """Pages per request for (policy, budget) and, for text-to-image models, (aspect ratio,
+        resolution): asked of a live worker's engine (all workers run the same model and
+        config) and cached; an error dict for a rejected policy."""
         import ray
 
-        key = (policy, kv_budget)
+        key = (policy, kv_budget, *shape)
         if key in self._demand_cache:
             return self._demand_cache[key]
         last = None
@@ -316,7 +318,7 @@ class Scheduler:
                 alive = [w for w in self._workers.values() if w.state == "alive"]
             for w in alive:
                 try:
-                    d = ray.get(w.handle.page_demand.remote(policy, kv_budget), timeout=CALL_TIMEOUT_S)
+                    d = ray.get(w.handle.page_demand.remote(policy, kv_budget, *shape), timeout=CALL_TIMEOUT_S)
                 except Exception as e:  # that worker just died: ask another
                     last = e
                     continue
@@ -519,7 +521,8 @@ class Scheduler:
         w.incarnation, w.info, w.stats = new, info, info.get("stats", {})
         w.state, w.error, w.since = "alive", None, time.monotonic()
         if self._model_info is None:
-            self._model_info = {k: info.get(k) for k in ("model", "num_classes", "class_names", "num_scales",
+            self._model_info = {k: info.get(k) for k in ("model", "kind", "resolutions", "num_classes",
+                                                         "class_names", "num_scales",
                                                          "block_size", "page_bytes", "num_pages", "default_policy",
                                                          "default_kv_budget")}
         self._cv.notify_all()
@@ -617,6 +620,14 @@ class ServingMixin:
 for _name in ("get_results_multi", "cancel_job"):  # keep a method of the same name that Scheduler defines
     if not hasattr(Scheduler, _name):
         setattr(Scheduler, _name, getattr(ServingMixin, _name))
+
+
+def _demand_key(r: ImageRequest) -> tuple:
+    """What a request's page demand depends on: (policy, budget), plus (aspect ratio,
+    resolution) for a text-to-image request."""
+    if r.prompt is None:
+        return (r.policy, r.kv_budget)
+    return (r.policy, r.kv_budget, r.height_over_width, r.resolution)
 
 
 def start_scheduler(config: SchedulerConfig, detached: bool = True, runtime_env: dict | None = None):

@@ -156,9 +156,12 @@ def encode_job_msgpack(records: Iterable[dict]) -> bytes:
 
 
 def validate_job(records: Iterable[RawRecord | dict], class_names: Sequence[str] | None = None,
-                 num_classes: int | None = None) -> ValidatedJob:
+                 num_classes: int | None = None, kind: str = "var",
+                 resolutions: Sequence[str] | None = None) -> ValidatedJob:
     """Decoded records (or plain dicts from Python) -> requests and error results, through the
-    one validator (``engine.request.validate_records``)."""
+    one validator (``engine.request.validate_records``); ``kind`` "infinity" for text-to-image
+    models (records carry a ``prompt``)."""
     raws = [r if isinstance(r, RawRecord) else RawRecord(i, r, where=f"record {i}") for i, r in enumerate(records)]
     return validate_records([r.value for r in raws], class_names, num_classes, where=[r.where for r in raws],
-                            decode_errors={i: r.error for i, r in enumerate(raws) if r.error is not None})
+                            decode_errors={i: r.error for i, r in enumerate(raws) if r.error is not None},
+                            kind=kind, resolutions=resolutions)

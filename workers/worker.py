@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import deque
 
-from engine.api import ImageEngine
+from engine.api import make_engine
 from engine.models.registry import build_model
 from engine.request import ImageRequest, ImageResult
 from memory.manager import RequestTooLargeError
@@ -73,7 +73,7 @@ class Worker:
         self.device = resolve_device(config.device)
         model = build_model(config.model, config.checkpoint, config.tokenizer, random_init=config.random_init,
                             device=self.device, seed=config.seed)
-        self.engine = ImageEngine(model, config.engine)
+        self.engine = make_engine(model, config.engine)  # ImageEngine (VAR) or InfinityEngine
         self._engine_lock = threading.Lock()  # engine access from outside the loop thread
         self._lock = threading.Lock()  # inbox / outbox / flags
         self._work = threading.Condition(self._lock)  # new requests, resume, stop
@@ -110,9 +110,7 @@ class Worker:
             "host": socket.gethostname(),
             "device": self.device,
             "model": spec.name,
-            "num_classes": spec.var.num_classes,
-            "class_names": list(spec.class_names) if spec.class_names else None,
-            "num_scales": spec.var.num_scales,
+            **self.engine.model_facts(),  # kind, num_classes, class_names, num_scales, resolutions
             "num_pages": pool.num_pages,
             "block_size": pool.block_size,
             "page_bytes": pool.page_bytes,
@@ -123,16 +121,20 @@ class Worker:
             "stats": self.stats(),
         }
 
-    def page_demand(self, policy: str | None, kv_budget: float | None) -> dict:
+    def page_demand(self, policy: str | None, kv_budget: float | None, h_div_w: float | None = None,
+                    resolution: str | None = None) -> dict:
         """Pages one request with this policy and budget reserves: the same plan and demand
         function the engine's manager uses at admission (``MemoryManager.request_pages``).
-        Returns ``{"pages": n}`` or ``{"error": "policy: ..."}`` for a policy the engine rejects."""
+        Text-to-image models also size by the request's aspect ratio and resolution (given only
+        for them). Returns ``{"pages": n}`` or ``{"error": "policy: ..."}`` for a policy the
+        engine rejects."""
         cfg = self.config.engine
         policy = cfg.policy if policy is None else policy
         kv_budget = cfg.kv_budget if kv_budget is None else kv_budget
+        shape = {} if h_div_w is None and resolution is None else {"h_div_w": h_div_w or 1.0, "resolution": resolution}
         try:
             with self._engine_lock:
-                plan = self.engine.plan_for(policy, kv_budget)
+                plan = self.engine.plan_for(policy, kv_budget, **shape)
                 pages = self.engine.manager.request_pages(plan)
                 self.engine.manager.check_fits_pool(plan)
         except RequestTooLargeError as e:  # the per-request knob that can fix it is the budget

@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 
 from .bsq import BSQTokenizer, load_bsq_state_dict
-from .catalog import DEFAULT_MODEL, MODELS, SHAPES_CLASS_NAMES, get_infinity_spec, get_spec  # noqa: F401
+from .catalog import (  # noqa: F401
+    DEFAULT_MODEL,
+    INFINITY_MODELS,
+    MODELS,
+    SHAPES_CLASS_NAMES,
+    get_infinity_spec,
+    get_spec,
+)
 from .config import InfinitySpec, ModelSpec
 from .infinity import Infinity, load_infinity_state_dict
 from .var import VAR
@@ -104,13 +111,16 @@ def build_model(
     random_init: bool = False,
     device: str | torch.device = "cpu",
     seed: int = 0,
-) -> LoadedModel:
-    """Build a named model and load its weights.
+) -> LoadedModel | LoadedInfinity:
+    """Build a named model of either family and load its weights (an Infinity name returns
+    ``build_infinity``'s ``LoadedInfinity``; ``engine.api.make_engine`` serves either).
 
     ``checkpoint`` is a transformer file or a directory holding ``transformer.safetensors`` and
     ``tokenizer.safetensors``; without it the model's shipped weights are used. A model with no
     weights refuses to build unless ``random_init`` is set: never silently random.
     """
+    if name in INFINITY_MODELS:  # one entry point for both families: callers need not branch
+        return build_infinity(name, checkpoint, tokenizer, random_init=random_init, device=device, seed=seed)
     spec = get_spec(name)
     if checkpoint is not None and Path(checkpoint).is_dir():
         tokenizer = tokenizer or Path(checkpoint) / TOKENIZER_FILE

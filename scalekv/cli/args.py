@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from engine.config import DTYPES, EngineConfig, parse_bytes
-from engine.models.catalog import DEFAULT_MODEL, MODELS
+from engine.models.catalog import DEFAULT_MODEL, INFINITY_MODELS, MODELS
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -30,13 +30,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, **kw: Any)
     return sub.add_parser(name, help=help, description=kw.pop("description", help), formatter_class=Formatter, **kw)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Which model and weights: ``--model``, ``--checkpoint``, ``--tokenizer``, ``--random-init``."""
+def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
+    """Which model and weights: ``--model``, ``--checkpoint``, ``--tokenizer``, ``--random-init``.
+    ``infinity``: the command also serves the text-to-image Infinity models."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="named model config")
+    names = sorted(MODELS) + (sorted(INFINITY_MODELS) if infinity else [])
+    g.add_argument("--model", default=DEFAULT_MODEL, choices=names, help="named model config")
+    extra = " (Infinity: the released transformer .pth, or the directory of 8B shards)" if infinity else ""
     g.add_argument("--checkpoint", default=None,
                    help="transformer weights (.safetensors or official .pth), or a directory holding "
-                        "transformer.safetensors + tokenizer.safetensors; default: the shipped weights")
+                        "transformer.safetensors + tokenizer.safetensors; default: the shipped weights" + extra)
     g.add_argument("--tokenizer", default=None, help="tokenizer weights (with a transformer --checkpoint file)")
     g.add_argument("--random-init", action="store_true",
                    help="allow random weights when no checkpoint is given (tests, benchmarks of shapes)")

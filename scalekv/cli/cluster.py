@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="worker actors (default: one per GPU, or 1 without GPUs); CPU workers share the cores")
     s.add_argument("--num-cpus", type=int, default=None, help="local Ray only: CPUs it may use (default: all)")
     s.add_argument("--num-gpus", type=int, default=None, help="local Ray only: GPUs it may use (default: all)")
-    shared.add_model_args(s)
+    shared.add_model_args(s, infinity=True)
     shared.add_threads(s, "torch threads per CPU worker (default: its share of the cores)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the workers run")
     s.add_argument("--cpus-per-worker", type=float, default=None,
@@ -105,12 +105,12 @@ def _fail(msg: str) -> int:
 # ----- cluster start / stop ----------------------------------------------------------------
 def _scheduler_config(args: argparse.Namespace):
     from engine.config import EngineConfig
-    from engine.models.registry import default_checkpoint_dir, get_spec
+    from engine.models.registry import INFINITY_MODELS, default_checkpoint_dir, get_spec
     from scheduler.config import SchedulerConfig
     from workers.config import WorkerConfig
 
-    spec = get_spec(args.model)
-    if args.checkpoint is None and not args.random_init and default_checkpoint_dir(spec) is None:
+    shipped = args.model not in INFINITY_MODELS and default_checkpoint_dir(get_spec(args.model)) is not None
+    if args.checkpoint is None and not args.random_init and not shipped:
         raise ValueError(f"model {args.model!r} has no shipped weights: pass --checkpoint PATH "
                          "(and --tokenizer PATH) or --random-init")
     engine = EngineConfig.from_args(args)
