@@ -114,3 +114,14 @@ def test_scalekv_peak_is_counted_per_step_on_the_shipped_model():
     true, summed = peaks["scalekv"]
     assert true < summed and true < peaks["snapkv"][0]
     assert true / peaks["full"][0] < 0.17
+
+
+def test_generate_takes_a_class_name(tmp_path):
+    import json
+
+    from scalekv.cli import main
+
+    assert main(["generate", "--model", "var-tiny", "--class", "ring-striped", "--out", str(tmp_path),
+                 "--threads", "1"]) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rec["ok"] and rec["class_label"] == 7 and (tmp_path / rec["png"]).stat().st_size > 0
