@@ -26,7 +26,8 @@ from .catalog import (  # noqa: F401
     get_spec,
 )
 from .config import InfinitySpec, ModelSpec
-from .infinity import Infinity, load_infinity_state_dict
+from .infinity import Infinity
+from .infinity_loading import load_infinity_state_dict
 from .var import VAR
 from .vqvae import VQVAE
 

@@ -11,7 +11,8 @@ import torch
 from engine.infinity_reference import TextImageRequest, generate_infinity_reference, run_infinity_scales
 from engine.models.catalog import INFINITY_MODELS, get_infinity_spec
 from engine.models.config import InfinitySpec
-from engine.models.infinity import Infinity, load_infinity_state_dict, star_positions
+from engine.models.infinity import Infinity, star_positions
+from engine.models.infinity_loading import load_infinity_state_dict
 from engine.models.registry import LoadedInfinity, build_infinity
 from engine.reference import ContiguousKVCache
 from engine.sampling import guide_constant, make_generator, sample_bits, sample_scale_bits
