@@ -255,6 +255,18 @@ class ImageEngine:
         self.running.clear()
         return out
 
+    def abort(self, request_key: str, reason: str = "cancelled") -> tuple[ImageResult, int] | None:
+        """Fail one queued or running request (``ImageRequest.key``: job/request id, or the
+        request id in-process) and return its pages now. Returns (its error result, pages it
+        had reserved: 0 while it waited), or None if no such request is waiting or running."""
+        for queue in (self.waiting, self.running):
+            for st in list(queue):
+                if st.request.key == request_key:
+                    queue.remove(st)
+                    acct = self._release(st)  # idempotent: a waiting request holds no reservation
+                    return _error_result(st.request, reason), int(acct.get("pages_reserved", 0))
+        return None
+
     def generate_stream(self, requests: Iterable[ImageRequest]) -> Iterator[ImageResult]:
         for r in requests:
             self.add_request(r)

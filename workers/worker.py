@@ -14,6 +14,12 @@ batches addressed to another incarnation so a request meant for the dead process
 silently run twice. Calls are never retried by Ray (``max_task_retries=0``): a retried
 ``submit`` on a restarted actor would be a duplicate, and the scheduler already requeues.
 
+Results are handed back at least once: ``poll(ack=n)`` keeps every result after ``n`` until a
+later poll acknowledges it, so a scheduler that died between reading a poll and storing its
+results (or a restarted scheduler, whose first poll acknowledges nothing) gets them again; the
+scheduler's job table drops the second copy. A key stays in ``held_keys`` (``hello``) until its
+result is acknowledged, which is how a restarted scheduler reclaims work still on a worker.
+
 The class is plain Python so it can be unit-tested in-process; ``spawn_worker`` wraps it.
 """
 
@@ -79,7 +85,8 @@ class Worker:
         self._work = threading.Condition(self._lock)  # new requests, resume, stop
         self._ready = threading.Condition(self._lock)  # new results for poll()
         self._inbox: list[ImageRequest] = []
-        self._outbox: list[dict] = []
+        self._outbox: list[tuple[int, dict]] = []  # (number, result), kept until acknowledged
+        self._out_seq = 0
         self._held: set[str] = set()  # keys accepted and not yet handed back by poll()
         self._paused = False
         self._stopped = False
@@ -158,21 +165,68 @@ class Worker:
         return {"stale": False, "incarnation": self.incarnation, "accepted": len(requests) - len(dups),
                 "duplicates": dups}
 
-    def poll(self, max_wait: float = 0.2) -> dict:
+    def poll(self, max_wait: float = 0.2, ack: int | None = None) -> dict:
         """Finished results (waits up to ``max_wait`` seconds for the first), with a stats
-        snapshot so the scheduler's view of the pool stays fresh without extra calls."""
+        snapshot so the scheduler's view of the pool stays fresh without extra calls.
+        ``ack=None``: each result is handed out once. ``ack=n``: results numbered <= n are
+        dropped (the caller stored them) and every later one is returned, again if need be,
+        until acknowledged; ``last`` is the number to acknowledge next."""
         deadline = time.monotonic() + max(0.0, max_wait)
         with self._lock:
+            if ack is not None:
+                self._drop_acked(ack)
             while not self._outbox and not self._stopped:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._ready.wait(left)
-            out, self._outbox = self._outbox, []
-            for r in out:
-                self._held.discard(r["key"])
+            out = list(self._outbox)
+            if ack is None:
+                self._drop_acked(out[-1][0] if out else 0)
             snapshot = dict(self._snapshot, inbox=len(self._inbox), held=len(self._held))
-        return {"incarnation": self.incarnation, "results": out, "stats": snapshot}
+        return {"incarnation": self.incarnation, "results": [r for _, r in out],
+                "last": out[-1][0] if out else ack or 0, "stats": snapshot}
+
+    def _drop_acked(self, ack: int) -> None:
+        """Caller holds ``_lock``."""
+        while self._outbox and self._outbox[0][0] <= ack:
+            _, r = self._outbox.pop(0)
+            self._held.discard(r["key"])
+
+    def cancel(self, keys: list[str], reason: str = "cancelled") -> dict:
+        """Abort these requests (``job/request`` keys) wherever they are: still in the inbox,
+        waiting in the engine, or running; their pages go back to the pool now. Each aborted
+        request comes back through ``poll`` as an error result. Returns how many were found
+        and the pages they had reserved."""
+        wanted = set(keys)
+        found, pages = 0, 0
+        with self._lock:
+            keep = [r for r in self._inbox if r.key not in wanted]
+            dropped = [r for r in self._inbox if r.key in wanted]
+            self._inbox = keep
+        results = [ImageResult(r.request_id, r.class_label, r.seed, job_id=r.job_id, error=reason) for r in dropped]
+        found += len(dropped)
+        with self._engine_lock:
+            for key in wanted:
+                got = self.engine.abort(key, reason)
+                if got is not None:
+                    results.append(got[0])
+                    pages += got[1]
+                    found += 1
+            stats = self._compute_stats()
+        out = [self._to_wire(r) for r in results]
+        with self._lock:
+            self._push(out)
+            self._snapshot = stats
+        return {"cancelled": found, "pages_freed": pages, "free_pages": stats["engine"].get("available_pages")}
+
+    def _push(self, results: list[dict]) -> None:
+        """Caller holds ``_lock``."""
+        for r in results:
+            self._out_seq += 1
+            self._outbox.append((self._out_seq, r))
+        if results:
+            self._ready.notify_all()
 
     def stats(self) -> dict:
         """Fresh stats: pool, requests, memory, latency (waits for a running step to end)."""
@@ -229,10 +283,8 @@ class Worker:
                 stats = self._compute_stats()
             out = [self._to_wire(r) for r in results]
             with self._lock:
-                self._outbox.extend(out)
+                self._push(out)
                 self._snapshot = stats
-                if out:
-                    self._ready.notify_all()
             self._metrics.update(stats)
 
     def _busy(self) -> bool:
@@ -296,13 +348,19 @@ def _torch_threads() -> int:
 
 
 def spawn_worker(config: WorkerConfig, name: str, *, num_gpus: float = 0, num_cpus: float = 1,
-                 max_restarts: int = 3, namespace: str | None = None):
+                 max_restarts: int = 3, namespace: str | None = None, detached: bool = False,
+                 scheduling_strategy=None):
     """Start a ``Worker`` actor: one per GPU (``num_gpus=1``, no CPU reservation, as vLLM does)
-    or one per CPU slot. Named, so ``scalekv status`` and tests can find it."""
+    or one per CPU slot. Named, so ``scalekv status`` and tests can find it. ``detached``: the
+    worker outlives the scheduler that spawned it (a restarted scheduler finds it by name)."""
     import ray
 
     opts = dict(name=name, max_restarts=max_restarts, max_task_retries=0, max_concurrency=ACTOR_MAX_CONCURRENCY,
                 num_gpus=num_gpus, num_cpus=0 if num_gpus else num_cpus)
+    if detached:
+        opts["lifetime"] = "detached"
+    if scheduling_strategy is not None:
+        opts["scheduling_strategy"] = scheduling_strategy
     if namespace is not None:
         opts["namespace"] = namespace
     return ray.remote(Worker).options(**opts).remote(config, name)
