@@ -231,10 +231,10 @@ class ClusterClient:
     def connect(cls, address: str | None = None, name: str | None = None,
                 namespace: str | None = None) -> ClusterClient:
         """Attach to the named scheduler of a running cluster (see ``resolve_target``)."""
+        target = resolve_target(address, name, namespace)  # fails at once, before Ray is even imported
+        check_reachable(target)
         import ray
 
-        target = resolve_target(address, name, namespace)
-        check_reachable(target)
         try:
             ensure_ray(target.address, namespace=target.namespace)
         except ConnectionError as e:
