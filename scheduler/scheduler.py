@@ -151,8 +151,6 @@ class Scheduler:
         incarnation spawned, by name, and spawn only those that are gone."""
         import ray
 
-        from workers.worker import spawn_worker
-
         res = ray.cluster_resources()
         gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
         use_gpus = self.config.use_gpus if self.config.use_gpus is not None else gpus >= 1
@@ -183,6 +181,8 @@ class Scheduler:
                 with contextlib.suppress(Exception):
                     ray.kill(old, no_restart=True)
                 _wait_name_free(name, ns)
+            from workers.worker import spawn_worker  # imports torch: a restart that reuses its workers skips it
+
             handle = spawn_worker(wcfg, name, num_gpus=num_gpus, num_cpus=0 if use_gpus else num_cpus,
                                   max_restarts=self.config.max_restarts, namespace=ns, detached=self.config.durable)
             self._add_worker(name, handle)
