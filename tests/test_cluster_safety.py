@@ -242,6 +242,23 @@ def test_deep_nesting_and_huge_records_are_record_errors_and_a_deep_file_is_a_fi
     assert "nested too deeply" in err and "Traceback" not in err
 
 
+def test_sizing_a_job_with_hundreds_of_policy_budget_pairs_asks_no_worker(cluster):
+    handles = list(cluster.worker_handles().values())
+    ray.get([h.pause.remote() for h in handles])  # busy or paused workers must not slow the submit
+    try:
+        recs = [{"class_label": 1, "policy": f"nope-{i}"} for i in range(300)]
+        recs += [{"class_label": 2, "policy": "sliding", "kv_budget": 0.05 + i / 100} for i in range(50)]
+        t0 = time.monotonic()
+        job = cluster.submit(recs)
+        assert time.monotonic() - t0 < 10 and job["queued"] == 50 and job["rejected"] == 300
+    finally:
+        ray.get([h.resume.remote() for h in handles])
+    results = list(cluster.stream(job, timeout=120))
+    bad = [r for r in results if not r["ok"]]
+    assert len(bad) == 300 and all(r["fields"] == ["policy"] and "unknown policy" in r["error"] for r in bad)
+    assert sum(r["ok"] for r in results) == 50
+
+
 VALUES = {
     "class_label": st.one_of(st.integers(-3, 12), st.sampled_from(["ring-striped", "nope", ""]), st.none(),
                              st.lists(st.integers(), max_size=2), st.booleans(), st.floats(allow_nan=True)),
