@@ -330,18 +330,6 @@ class ImageEngine:
         out, self._previews = self._previews, []
         return out
 
-    def abort(self, request_key: str, reason: str = "cancelled") -> list[ImageResult]:
-        """Fail the queued or running request whose ``key`` (``job_id/request_id``, or the
-        request id in-process) is ``request_key`` and return its pages now; [] if none."""
-        out = []
-        for queue in (self.waiting, self.running):
-            for st in [st for st in queue if st.request.key == request_key]:
-                queue.remove(st)
-                self._release(st)
-                out.append(_error_result(st.request, reason))
-        self._previews = [p for p in self._previews if p.key != request_key]
-        return out
-
     def abort_all(self, reason: str = "aborted") -> list[ImageResult]:
         """Fail every queued and running request and return all their pages."""
         out = []
@@ -351,6 +339,19 @@ class ImageEngine:
         self.waiting.clear()
         self.running.clear()
         return out
+
+    def abort(self, request_key: str, reason: str = "cancelled") -> tuple[ImageResult, int] | None:
+        """Fail one queued or running request (``ImageRequest.key``: job/request id, or the
+        request id in-process) and return its pages now. Returns (its error result, pages it
+        had reserved: 0 while it waited), or None if no such request is waiting or running."""
+        for queue in (self.waiting, self.running):
+            for st in list(queue):
+                if st.request.key == request_key:
+                    queue.remove(st)
+                    acct = self._release(st)  # idempotent: a waiting request holds no reservation
+                    self._previews = [p for p in self._previews if p.key != request_key]
+                    return _error_result(st.request, reason), int(acct.get("pages_reserved", 0))
+        return None
 
     def generate_stream(self, requests: Iterable[ImageRequest]) -> Iterator[ImageResult]:
         for r in requests:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from workers.config import WorkerConfig
 
-NAMESPACE = "scalekv"  # Ray namespace of the scheduler and its workers
+NAMESPACE = "scalekv"  # default Ray namespace of the scheduler and its workers (local clusters get their own)
 DEFAULT_NAME = "scalekv-scheduler"
 
 
@@ -25,6 +25,13 @@ class SchedulerConfig:
     max_inflight_per_worker: int | None = None  # None: the engine's max_running
     poll_wait_s: float = 0.2  # how long one worker poll may wait for results
     worker_start_timeout_s: float = 300.0  # a worker not up after this is reported failed
+    namespace: str = NAMESPACE  # Ray namespace of the scheduler and its workers
+    # Durable job store (SQLite + results folder, ``store.py``) on the scheduler's node. None: a
+    # temporary one removed at shutdown, and the scheduler is not restarted if it dies.
+    store_dir: str | None = None
+    scheduler_max_restarts: int = -1  # Ray restarts of the scheduler actor (with a store_dir); -1: unlimited
+    collected_retention_s: float = 600.0  # results of a fully collected job are deleted after this
+    retention_s: float = 7 * 86400.0  # results of a finished job nobody collected are deleted after this
 
     def __post_init__(self) -> None:
         if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
@@ -42,3 +49,12 @@ class SchedulerConfig:
             raise ValueError(f"poll_wait_s: must be in (0, 5], got {self.poll_wait_s}")
         if not self.name:
             raise ValueError("name: must be a non-empty actor name")
+        if not self.namespace:
+            raise ValueError("namespace: must be a non-empty Ray namespace")
+        if self.collected_retention_s < 0 or self.retention_s < 0:
+            raise ValueError("collected_retention_s / retention_s: must be >= 0")
+
+    @property
+    def durable(self) -> bool:
+        """Jobs survive the scheduler: a store directory, and Ray restarts the scheduler."""
+        return self.store_dir is not None and self.scheduler_max_restarts != 0

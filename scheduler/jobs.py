@@ -1,10 +1,11 @@
-"""The scheduler's job table: per-job result queues with exactly-once delivery.
+"""The scheduler's job table: exactly-once results over the durable ``JobStore``.
 
 A request may run twice (its worker died after finishing it but before the result was read,
-or a failed call had in fact run), so results are deduplicated by ``(job_id, request_id)``:
-the first one wins, later ones are counted and dropped. Each result sits in its job's queue
-until a client fetches it; a finished job whose results were all fetched shrinks to its
-counts, so a long-lived scheduler does not keep every request id it ever served.
+a failed call had in fact run, or the scheduler restarted and requeued work a worker still
+held), so results are deduplicated by ``(job_id, request_id)``: the first one wins, later ones
+are counted and dropped. Results go to the store (``store.py``) as they arrive; memory holds
+only each unfinished job's counts and the ids that have their result, so a long-lived
+scheduler holds no images and no finished jobs.
 
 Plain Python with no Ray and no locking: the ``Scheduler`` calls it under its own lock.
 """
@@ -12,12 +13,11 @@ Plain Python with no Ray and no locking: the ``Scheduler`` calls it under its ow
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
 
 from engine.request import REQUEST_FIELDS, ImageRequest, ImageResult, RecordError
 
-RETIRED_JOBS_KEPT = 10_000  # finished jobs whose counts job_status still answers
+from .store import JobStore
 
 
 @dataclass
@@ -43,56 +43,75 @@ class Item:
 
 @dataclass
 class Job:
+    """An unfinished job as the scheduler tracks it in memory (the store has the rest)."""
+
     job_id: str
     name: str
     total: int
-    t_submitted: float
-    results: deque = field(default_factory=deque)  # finished, not yet fetched by the client
+    t_submitted: float  # time.time()
     done: set = field(default_factory=set)  # request ids that have their one result
     num_errors: int = 0
-    delivered: int = 0
-    t_done: float | None = None
+    state: str = "active"  # active | cancelled
+    cursor: int = 0  # results handed out by get_results calls that pass no cursor
+    previews: list = field(default_factory=list)  # live previews not yet handed out (memory only)
 
     @property
     def finished(self) -> bool:
         return len(self.done) >= self.total
 
-    def summary(self) -> dict:
-        return {"job_id": self.job_id, "name": self.name, "total": self.total, "finished": len(self.done),
-                "errors": self.num_errors, "delivered": self.delivered, "pending_fetch": len(self.results),
-                "done": self.finished, "seconds": round((self.t_done or time.monotonic()) - self.t_submitted, 3)}
+
+def summary(row: dict) -> dict:
+    """A job as status/list/get_results report it, from its store row."""
+    end = row["t_done"] if row["finished"] >= row["total"] and row["t_done"] else time.time()
+    return {"job_id": row["job_id"], "name": row["name"], "total": row["total"], "finished": row["finished"],
+            "errors": row["errors"], "done": row["finished"] >= row["total"], "state": row["state"],
+            "collected": row["collected_at"] is not None, "evicted": row["evicted_at"] is not None,
+            "cancel": row["cancel_info"], "created": row["created"], "seconds": round(end - row["created"], 3)}
 
 
 class JobTable:
-    """Jobs by id, their undelivered results, and counters for status."""
+    """Unfinished jobs by id, their result dedup, and counters for status."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
         self.jobs: dict[str, Job] = {}
-        self.retired: dict[str, dict] = {}  # job id -> counts, oldest first
         self.counters = {"results": 0, "errors": 0, "duplicates_dropped": 0}
+        self._default_cursor: dict[str, int] = {}  # finished jobs read without a cursor
 
-    def create(self, job_id: str, name: str, total: int) -> Job:
-        if job_id in self.jobs or job_id in self.retired:
+    def create(self, job_id: str, name: str, total: int, requests: list[tuple[str, int, str, int]],
+               errors: list[RecordError] = ()) -> Job:
+        """Persist a job, its runnable requests ``(request_id, record, body_json, demand)`` and
+        the error results of its bad records, in one transaction."""
+        if job_id in self.jobs:
             raise ValueError(f"job_id: {job_id!r} is already in use")
-        job = Job(job_id=job_id, name=name, total=total, t_submitted=time.monotonic())
+        taken = {r[0] for r in requests}
+        recs = []
+        for err in errors:
+            if err.request_id in taken:  # validate_records never does this; keep it true here too
+                err = replace(err, request_id=f"#{err.record}")
+            taken.add(err.request_id)
+            recs.append((err.request_id, err.result(job_id).to_record()))
+        self.store.create_job(job_id, name, total, requests, recs)
+        job = Job(job_id=job_id, name=name, total=total, t_submitted=time.time(), done={r for r, _ in recs},
+                  num_errors=len(recs))
+        self.counters["results"] += len(recs)
+        self.counters["errors"] += len(recs)
         self.jobs[job_id] = job
+        if job.finished:
+            del self.jobs[job_id]
         return job
+
+    def restore(self) -> list[tuple[str, str, int, str, int]]:
+        """After a scheduler restart: reload unfinished jobs; returns their pending requests."""
+        for row in self.store.unfinished_jobs():
+            self.jobs[row["job_id"]] = Job(row["job_id"], row["name"], row["total"], row["created"],
+                                           done=self.store.done_ids(row["job_id"]), num_errors=row["errors"],
+                                           state=row["state"])
+        return self.store.pending()
 
     def has_result(self, job_id: str, request_id: str) -> bool:
         job = self.jobs.get(job_id)
         return job is None or request_id in job.done
-
-    def add_error(self, job: Job, err: RecordError) -> None:
-        """A record answered without running (malformed, duplicate id). ``validate_records``
-        gives error results ids that no request holds; the guard keeps that true here too."""
-        if err.request_id in job.done:
-            err = replace(err, request_id=f"#{err.record}")
-        job.done.add(err.request_id)
-        job.results.append(err.result(job.job_id).to_record())
-        job.num_errors += 1
-        self.counters["errors"] += 1
-        self.counters["results"] += 1
-        self._maybe_done(job)
 
     def add_result(self, job_id: str, request_id: str, res: dict | None, item: Item | None,
                    error: str | None = None) -> bool:
@@ -100,10 +119,8 @@ class JobTable:
         duplicate or its job is gone. Every result is an ``ImageResult.to_record`` dict."""
         job = self.jobs.get(job_id)
         if job is None or request_id in job.done:
-            if job is not None or job_id in self.retired:  # a late second run of the request
-                self.counters["duplicates_dropped"] += 1
+            self.counters["duplicates_dropped"] += 1
             return False
-        job.done.add(request_id)
         req = item.request if item is not None else None
         if res is None or error is not None:  # decided by the scheduler: no worker result
             head = (error or "").split(":", 1)[0]
@@ -114,57 +131,69 @@ class JobTable:
         stats = dict(rec.get("stats") or {})
         if item is not None:
             rec["record"] = item.record
-            stats.update(attempts=item.attempts, scheduler_queue_seconds=round(item.t_sent - item.t_queued, 6),
-                         scheduler_total_seconds=round(time.monotonic() - item.t_submitted, 6))
+            stats.update(attempts=item.attempts,
+                         scheduler_queue_seconds=round(max(0.0, item.t_sent - item.t_queued), 6),
+                         scheduler_total_seconds=round(time.time() - item.t_submitted, 6))
         rec["stats"] = stats
-        job.results.append(rec)
-        error = rec.get("error")
-        if error is not None:
+        return self._store(job, request_id, rec)
+
+    def _store(self, job: Job, request_id: str, rec: dict) -> bool:
+        if not self.store.add_result(job.job_id, request_id, rec):
+            self.counters["duplicates_dropped"] += 1
+            job.done.add(request_id)
+            return False
+        job.done.add(request_id)
+        if rec.get("error") is not None:
             job.num_errors += 1
             self.counters["errors"] += 1
         self.counters["results"] += 1
-        self._maybe_done(job)
+        if job.finished:  # everything is in the store now: nothing left to track in memory
+            del self.jobs[job.job_id]
         return True
 
     def add_preview(self, job_id: str, request_id: str, preview: dict) -> bool:
         """Queue a running request's preview (``{"preview": True, "scale", "png"}``) for the
-        client: handed out like a result but not one (the request is not done). Dropped once
-        the request has its result or the job is gone."""
+        client: handed out with the results but not one (the request is not done) and never
+        stored (a preview is only worth something live). Dropped once the request has its
+        result or the job is gone."""
         job = self.jobs.get(job_id)
         if job is None or request_id in job.done:
             return False
         rec = {k: v for k, v in preview.items() if k != "key"}
         rec.update(job_id=job_id, request_id=request_id, preview=True)
-        job.results.append(rec)
+        job.previews.append(rec)
         return True
 
-    def take(self, job: Job, max_results: int) -> dict:
-        """Hand out up to ``max_results`` results, once each; retire the job when it is done."""
-        out = [job.results.popleft() for _ in range(min(max_results, len(job.results)))]
-        job.delivered += sum(1 for r in out if not r.get("preview"))
-        done = job.finished and not job.results
+    def take(self, job_id: str, after: int | None, max_results: int) -> dict:
+        """Results of the job after cursor ``after`` (None: after the last ones handed out
+        without a cursor, so each is handed out once). ``done``: nothing more will come."""
+        row = self.store.job(job_id)
+        if row is None:
+            raise ValueError(f"job_id: unknown job {job_id!r}")
+        if row["evicted_at"] is not None:
+            raise LookupError(f"job_id: the results of job {job_id!r} were collected and evicted")
+        job = self.jobs.get(job_id)
+        start = (job.cursor if job is not None else self._default_cursor.get(job_id, 0)) if after is None else after
+        got = self.store.results_after(job_id, start, max_results)
+        cursor = got[-1][0] if got else start
+        if after is None:
+            if job is not None:
+                job.cursor = cursor
+            else:
+                self._default_cursor[job_id] = cursor
+        finished = row["finished"] >= row["total"]
+        done = finished and cursor >= self.store.last_seq(job_id)
         if done:
-            self._retire(job)
-        return {"job_id": job.job_id, "results": out, "done": done, "total": job.total,
-                "finished": len(job.done), "delivered": job.delivered, "errors": job.num_errors}
-
-    def retired_status(self, job_id: str) -> dict | None:
-        counts = self.retired.get(job_id)
-        return None if counts is None else {"job_id": job_id, "done": True, **counts}
+            self.store.mark_collected(job_id)
+            self._default_cursor.pop(job_id, None)
+        previews = []
+        if job is not None and job.previews:
+            previews, job.previews = job.previews, []
+        return {"job_id": job_id, "results": previews + [r for _, r in got], "cursor": cursor, "done": done,
+                "total": row["total"], "finished": row["finished"], "errors": row["errors"], "state": row["state"]}
 
     def active(self) -> list[Job]:
-        return [j for j in self.jobs.values() if not j.finished or j.results]
+        return list(self.jobs.values())
 
     def __len__(self) -> int:
-        return len(self.jobs) + len(self.retired)
-
-    def _maybe_done(self, job: Job) -> None:
-        if job.finished and job.t_done is None:
-            job.t_done = time.monotonic()
-
-    def _retire(self, job: Job) -> None:
-        del self.jobs[job.job_id]
-        self.retired[job.job_id] = {"total": job.total, "finished": len(job.done), "delivered": job.delivered,
-                                    "errors": job.num_errors}
-        while len(self.retired) > RETIRED_JOBS_KEPT:
-            self.retired.pop(next(iter(self.retired)))
+        return self.store.counts()["jobs_stored"]

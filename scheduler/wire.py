@@ -12,6 +12,12 @@ validator); this module only turns bytes into records. A file that cannot be fra
 whole with ``JobFileError``; a single JSONL line that is not JSON becomes a record that
 fails on its own.
 
+Limits (``check_records``, applied to files and to records from Python alike): a record may
+be at most ``MAX_RECORD_BYTES`` (a JSONL line, or the strings/bytes/scalars of a decoded map)
+and nest at most ``MAX_DEPTH`` levels; beyond that it becomes a record error (``record: ...``)
+without being parsed further or sent anywhere. A JSON array file nested too deeply to parse
+is a ``JobFileError``. Field ranges are ``engine.request``'s.
+
 **Results** travel as ``ImageResult.to_record`` dicts; ``write_results_msgpack`` stores them
 as a msgpack stream with the PNG bytes inline.
 """
@@ -28,6 +34,9 @@ import msgpack
 
 from engine.request import ValidatedJob, validate_records
 
+MAX_RECORD_BYTES = 64 << 10  # one record: a flat map of a few short fields needs well under 1 KiB
+MAX_DEPTH = 8  # a record is a map of scalars (depth 2); deeper is never a valid record
+MAX_RECORDS = 1_000_000  # records in one job file
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 MSGPACK_SUFFIXES = (".msgpack", ".mpk", ".msgpk", ".mp")
 
@@ -72,7 +81,47 @@ def decode_job(data: bytes, fmt: str | None = None, name: str = "<job>") -> list
         raise JobFileError(f"{name}: unknown job format {fmt!r} (expected 'jsonl' or 'msgpack')")
     if not records:
         raise JobFileError(f"{name}: the job file holds no records")
-    return records
+    if len(records) > MAX_RECORDS:
+        raise JobFileError(f"{name}: {len(records)} records, more than the limit of {MAX_RECORDS} per job")
+    return check_records(records)
+
+
+def record_limit_error(value: Any) -> str | None:
+    """Why a decoded record is over the limits (too deep, too big), or None. Iterative, so a
+    value nested 100,000 levels deep costs no recursion."""
+    size, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep (a record is a map of plain values)"
+        if isinstance(v, dict):
+            size += 8 * len(v)
+            stack.extend((k, depth + 1) for k in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, (list, tuple)):
+            size += 8 * len(v)
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, (str, bytes, bytearray)):
+            size += len(v)
+        else:
+            size += 8
+        if size > MAX_RECORD_BYTES:
+            return f"larger than the {MAX_RECORD_BYTES}-byte limit of one record"
+    return None
+
+
+def check_records(records: Sequence[RawRecord | dict]) -> list[RawRecord]:
+    """Records (decoded, or plain dicts) -> RawRecords, with any record over the limits replaced
+    by an error record (its value dropped, so it is never pickled or echoed)."""
+    out = []
+    for i, r in enumerate(records):
+        raw = r if isinstance(r, RawRecord) else RawRecord(i, r, where=f"record {i}")
+        if raw.error is None:
+            why = record_limit_error(raw.value)
+            if why is not None:
+                raw = RawRecord(raw.index, None, error=why, where=raw.where)
+        out.append(raw)
+    return out
 
 
 def read_job_file(path: str | Path, fmt: str | None = None) -> list[RawRecord]:
@@ -93,22 +142,38 @@ def _decode_jsonl(data: bytes, name: str) -> list[RawRecord]:
             arr = json.loads(text)
         except json.JSONDecodeError as e:
             raise JobFileError(f"{name}: corrupt JSON array at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise JobFileError(f"{name}: JSON nested too deeply to read (a record nests at most {MAX_DEPTH} "
+                               "levels)") from None
+        if not isinstance(arr, list):
+            raise JobFileError(f"{name}: expected a JSON array of records")
         return [RawRecord(i, v, where=f"{name} record {i}") for i, v in enumerate(arr)]
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{name} line {lineno}"
+        if len(line) > MAX_RECORD_BYTES:
+            records.append(RawRecord(len(records), None, where=where,
+                                     error=f"{len(line)} characters, more than the {MAX_RECORD_BYTES}-byte limit "
+                                           "of one record"))
+            continue
         try:
             records.append(RawRecord(len(records), json.loads(line), where=where))
         except json.JSONDecodeError as e:
             records.append(RawRecord(len(records), None, error=f"invalid JSON at column {e.colno}: {e.msg}",
                                      where=where))
+        except RecursionError:
+            records.append(RawRecord(len(records), None, where=where,
+                                     error=f"nested more than {MAX_DEPTH} levels deep (a record is a map of "
+                                           "plain values)"))
     return records
 
 
 def _decode_msgpack(data: bytes, name: str) -> list[RawRecord]:
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1))
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1),
+                                max_str_len=MAX_RECORD_BYTES, max_bin_len=MAX_RECORD_BYTES,
+                                max_array_len=MAX_RECORDS, max_map_len=4096, max_ext_len=MAX_RECORD_BYTES)
     unpacker.feed(data)
     objs: list[Any] = []
     try:
@@ -161,7 +226,7 @@ def validate_job(records: Iterable[RawRecord | dict], class_names: Sequence[str]
     """Decoded records (or plain dicts from Python) -> requests and error results, through the
     one validator (``engine.request.validate_records``); ``kind`` "infinity" for text-to-image
     models (records carry a ``prompt``)."""
-    raws = [r if isinstance(r, RawRecord) else RawRecord(i, r, where=f"record {i}") for i, r in enumerate(records)]
+    raws = check_records(list(records))
     return validate_records([r.value for r in raws], class_names, num_classes, where=[r.where for r in raws],
                             decode_errors={i: r.error for i, r in enumerate(raws) if r.error is not None},
                             kind=kind, resolutions=resolutions)

@@ -14,6 +14,12 @@ batches addressed to another incarnation so a request meant for the dead process
 silently run twice. Calls are never retried by Ray (``max_task_retries=0``): a retried
 ``submit`` on a restarted actor would be a duplicate, and the scheduler already requeues.
 
+Results are handed back at least once: ``poll(ack=n)`` keeps every result after ``n`` until a
+later poll acknowledges it, so a scheduler that died between reading a poll and storing its
+results (or a restarted scheduler, whose first poll acknowledges nothing) gets them again; the
+scheduler's job table drops the second copy. A key stays in ``held_keys`` (``hello``) until its
+result is acknowledged, which is how a restarted scheduler reclaims work still on a worker.
+
 The class is plain Python so it can be unit-tested in-process; ``spawn_worker`` wraps it.
 """
 
@@ -79,10 +85,9 @@ class Worker:
         self._work = threading.Condition(self._lock)  # new requests, resume, stop
         self._ready = threading.Condition(self._lock)  # new results for poll()
         self._inbox: list[ImageRequest] = []
-        self._outbox: list[dict] = []
+        self._outbox: list[tuple[int, dict]] = []  # (number, result), kept until acknowledged
+        self._out_seq = 0
         self._held: set[str] = set()  # keys accepted and not yet handed back by poll()
-        self._cancelled: set[str] = set()  # keys cancelled before they arrived (bounded below)
-        self._cancels: dict[str, str] = {}  # key -> reason: for the loop to abort in the engine
         self._paused = False
         self._stopped = False
         self._finished_total = 0
@@ -153,12 +158,6 @@ class Worker:
         dups = []
         with self._lock:
             for r in requests:
-                if r.key in self._cancelled:  # cancelled before its submit arrived (calls may pass each other)
-                    self._cancelled.discard(r.key)
-                    self._outbox.append(self._to_wire(ImageResult(r.request_id, r.class_label, r.seed,
-                                                                  job_id=r.job_id, error="cancelled")))
-                    self._ready.notify_all()
-                    continue
                 if r.key in self._held:
                     dups.append(r.key)
                     continue
@@ -168,22 +167,69 @@ class Worker:
         return {"stale": False, "incarnation": self.incarnation, "accepted": len(requests) - len(dups),
                 "duplicates": dups}
 
-    def poll(self, max_wait: float = 0.2) -> dict:
+    def poll(self, max_wait: float = 0.2, ack: int | None = None) -> dict:
         """Finished results (waits up to ``max_wait`` seconds for the first), with a stats
-        snapshot so the scheduler's view of the pool stays fresh without extra calls."""
+        snapshot so the scheduler's view of the pool stays fresh without extra calls.
+        ``ack=None``: each result is handed out once. ``ack=n``: results numbered <= n are
+        dropped (the caller stored them) and every later one is returned, again if need be,
+        until acknowledged; ``last`` is the number to acknowledge next."""
         deadline = time.monotonic() + max(0.0, max_wait)
         with self._lock:
+            if ack is not None:
+                self._drop_acked(ack)
             while not self._outbox and not self._stopped:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._ready.wait(left)
-            out, self._outbox = self._outbox, []
-            for r in out:
-                if not r.get("preview"):  # a preview is not the request's result: it stays held
-                    self._held.discard(r["key"])
+            out = list(self._outbox)
+            if ack is None:
+                self._drop_acked(out[-1][0] if out else 0)
             snapshot = dict(self._snapshot, inbox=len(self._inbox), held=len(self._held))
-        return {"incarnation": self.incarnation, "results": out, "stats": snapshot}
+        return {"incarnation": self.incarnation, "results": [r for _, r in out],
+                "last": out[-1][0] if out else ack or 0, "stats": snapshot}
+
+    def _drop_acked(self, ack: int) -> None:
+        """Caller holds ``_lock``."""
+        while self._outbox and self._outbox[0][0] <= ack:
+            _, r = self._outbox.pop(0)
+            if not r.get("preview"):  # a preview is not the request's result: it stays held
+                self._held.discard(r["key"])
+
+    def cancel(self, keys: list[str], reason: str = "cancelled") -> dict:
+        """Abort these requests (``job/request`` keys) wherever they are: still in the inbox,
+        waiting in the engine, or running; their pages go back to the pool now. Each aborted
+        request comes back through ``poll`` as an error result. Returns how many were found
+        and the pages they had reserved."""
+        wanted = set(keys)
+        found, pages = 0, 0
+        with self._lock:
+            keep = [r for r in self._inbox if r.key not in wanted]
+            dropped = [r for r in self._inbox if r.key in wanted]
+            self._inbox = keep
+        results = [ImageResult(r.request_id, r.class_label, r.seed, job_id=r.job_id, error=reason) for r in dropped]
+        found += len(dropped)
+        with self._engine_lock:
+            for key in wanted:
+                got = self.engine.abort(key, reason)
+                if got is not None:
+                    results.append(got[0])
+                    pages += got[1]
+                    found += 1
+            stats = self._compute_stats()
+        out = [self._to_wire(r) for r in results]
+        with self._lock:
+            self._push(out)
+            self._snapshot = stats
+        return {"cancelled": found, "pages_freed": pages, "free_pages": stats["engine"].get("available_pages")}
+
+    def _push(self, results: list[dict]) -> None:
+        """Caller holds ``_lock``."""
+        for r in results:
+            self._out_seq += 1
+            self._outbox.append((self._out_seq, r))
+        if results:
+            self._ready.notify_all()
 
     def stats(self) -> dict:
         """Fresh stats: pool, requests, memory, latency (waits for a running step to end)."""
@@ -192,41 +238,6 @@ class Worker:
         with self._lock:
             s.update(inbox=len(self._inbox), held=len(self._held))
         return s
-
-    # ----- cancel (minimal version for online serving; the durable-cluster branch adds its
-    # own, and the merge keeps one) ------------------------------------------------------------
-    def cancel(self, keys: list[str], reason: str = "cancelled") -> dict:
-        """Fail the requests ``keys`` (``job_id/request_id``): those still in the inbox at once,
-        those in the engine at the loop's next turn (the loop thread aborts them, so a cancel
-        never waits behind a busy engine); their pages return to the pool and each gets an error
-        result through ``poll`` as usual. A key not here yet is refused when it arrives."""
-        wanted = set(keys)
-        with self._lock:
-            dropped = [r for r in self._inbox if r.key in wanted]
-            self._inbox = [r for r in self._inbox if r.key not in wanted]
-            for r in dropped:  # answered here, never reaching the engine (held until poll hands it out)
-                self._outbox.append(self._to_wire(ImageResult(r.request_id, r.class_label, r.seed,
-                                                              job_id=r.job_id, error=reason)))
-            rest = wanted - {r.key for r in dropped}
-            for k in rest:
-                self._cancels[k] = reason
-            self._outbox = [o for o in self._outbox if not (o.get("preview") and o["key"] in wanted)]
-            if dropped:
-                self._ready.notify_all()
-            self._work.notify()
-        return {"dropped": len(dropped), "aborting": len(rest)}
-
-    def _abort_cancelled(self, cancels: dict[str, str]) -> list[ImageResult]:
-        """Loop thread, under ``_engine_lock``: abort the cancelled requests the engine holds."""
-        out = []
-        for key, reason in cancels.items():
-            found = self.engine.abort(key, reason)
-            out += found
-            if not found:
-                with self._lock:
-                    if key not in self._held and len(self._cancelled) < 4096:
-                        self._cancelled.add(key)  # its submit may still be on the way
-        return out
 
     def pause(self) -> bool:
         """Stop stepping; accepted requests stay queued or running and keep their pages.
@@ -257,21 +268,18 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopped and not self._inbox and not self._cancels and \
-                        (self._paused or not self._busy()):
+                while not self._stopped and not self._inbox and (self._paused or not self._busy()):
                     if not self._work.wait(IDLE_WAKE_S):
                         break  # idle wake: refresh the snapshot below
                 if self._stopped:
                     return
                 batch, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, {}
                 paused = self._paused
             with self._engine_lock:
                 try:
                     for req in batch:
                         self.engine.add_request(req)  # bad input becomes an error result on the next step
-                    cancelled = self._abort_cancelled(cancels) if cancels else []
-                    results = cancelled + ([] if paused else self._step())
+                    results = [] if paused else self._step()
                 except Exception as e:  # a bug outside the engine's own error handling: fail, keep serving
                     log.exception("worker %s: loop iteration failed", self.name)
                     results = self.engine.abort_all(f"worker {self.name} loop error: {type(e).__name__}: {e}")
@@ -279,10 +287,8 @@ class Worker:
                 stats = self._compute_stats()
             out = [_preview_to_wire(p) for p in previews] + [self._to_wire(r) for r in results]
             with self._lock:
-                self._outbox.extend(out)
+                self._push(out)
                 self._snapshot = stats
-                if out:
-                    self._ready.notify_all()
             self._metrics.update(stats)
 
     def _busy(self) -> bool:
@@ -359,13 +365,19 @@ def _torch_threads() -> int:
 
 
 def spawn_worker(config: WorkerConfig, name: str, *, num_gpus: float = 0, num_cpus: float = 1,
-                 max_restarts: int = 3, namespace: str | None = None):
+                 max_restarts: int = 3, namespace: str | None = None, detached: bool = False,
+                 scheduling_strategy=None):
     """Start a ``Worker`` actor: one per GPU (``num_gpus=1``, no CPU reservation, as vLLM does)
-    or one per CPU slot. Named, so ``scalekv status`` and tests can find it."""
+    or one per CPU slot. Named, so ``scalekv status`` and tests can find it. ``detached``: the
+    worker outlives the scheduler that spawned it (a restarted scheduler finds it by name)."""
     import ray
 
     opts = dict(name=name, max_restarts=max_restarts, max_task_retries=0, max_concurrency=ACTOR_MAX_CONCURRENCY,
                 num_gpus=num_gpus, num_cpus=0 if num_gpus else num_cpus)
+    if detached:
+        opts["lifetime"] = "detached"
+    if scheduling_strategy is not None:
+        opts["scheduling_strategy"] = scheduling_strategy
     if namespace is not None:
         opts["namespace"] = namespace
     return ray.remote(Worker).options(**opts).remote(config, name)

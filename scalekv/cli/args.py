@@ -78,11 +78,16 @@ def add_engine_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
 
 
 def add_cluster_target(p: argparse.ArgumentParser) -> None:
-    """Which cluster: ``--address`` and ``--name`` (the scheduler)."""
-    from scheduler.config import DEFAULT_NAME
-
-    p.add_argument("--address", default=None, help="Ray cluster (default: the one `cluster start` recorded)")
-    p.add_argument("--name", default=DEFAULT_NAME, help="scheduler actor name")
+    """Which cluster: ``--address``, ``--name`` (the scheduler) and ``--namespace``. Without
+    --address, the cluster recorded in $SCALEKV_STATE_DIR/cluster.json; with neither, the
+    command fails at once (never Ray's 'auto', which finds any Ray instance on the machine)."""
+    p.add_argument("--address", default=None,
+                   help="Ray cluster HOST:PORT (default: the one `scalekv cluster start` recorded in "
+                        "$SCALEKV_STATE_DIR/cluster.json, default ~/.scalekv)")
+    p.add_argument("--name", default=None, help="scheduler actor name (default: the recorded one, else "
+                                                 "scalekv-scheduler)")
+    p.add_argument("--namespace", default=None, help="Ray namespace of the scheduler (default: the recorded one, "
+                                                      "else scalekv)")
 
 
 def set_threads(n: int | None) -> None:

@@ -241,7 +241,7 @@ def _run_on_cluster(args: argparse.Namespace, cfg, ecfg, progress: bool) -> dict
 
     from benchmarks.load import ClusterTarget, run_load
     from scheduler.client import ClusterClient
-    from scheduler.config import DEFAULT_NAME, SchedulerConfig
+    from scheduler.config import SchedulerConfig
 
     if args.address is not None:
         if args.kv_pool_bytes is not None:
@@ -249,7 +249,7 @@ def _run_on_cluster(args: argparse.Namespace, cfg, ecfg, progress: bool) -> dict
                   "cluster (its workers' pools are used)", file=sys.stderr)
         try:
             client = ClusterClient.connect(None if args.address == "state" else args.address,
-                                           name=args.cluster_name or DEFAULT_NAME)
+                                           name=args.cluster_name)
         except ConnectionError as e:
             print(f"scalekv bench load: error: {e}", file=sys.stderr)
             return None

@@ -1,16 +1,23 @@
-"""``scalekv cluster start|stop``, ``scalekv submit`` and ``scalekv status``.
+"""``scalekv cluster start|stop``, ``submit``, ``wait``, ``jobs``, ``cancel`` and ``status``.
 
 Everything cluster-related on the command line lives here. Imports of Ray and torch stay
 inside the commands so ``scalekv --help`` stays fast.
 
-Cluster lifetime. ``cluster start --address auto|HOST:PORT`` puts a detached scheduler (and its
+Cluster lifetime. ``cluster start --address HOST:PORT`` puts a detached scheduler (and its
 workers) on a Ray cluster someone started (``ray start --head``) and exits; it runs until
 ``cluster stop``. Without ``--address`` the CLI starts a local Ray instance in a background
-keeper process (``scheduler/keeper.py``, log in the state directory), since a Ray instance dies
-with the process that started it; ``cluster stop`` stops the scheduler, then the keeper, which
-shuts that Ray instance down. The address is recorded in ``~/.scalekv/cluster.json``
-(``$SCALEKV_STATE_DIR``), so ``submit``, ``status`` and ``stop`` find the cluster without
-``--address``.
+keeper process (``scheduler/keeper.py``, log in the state directory), bound to 127.0.0.1 unless
+``--bind`` says otherwise, since a Ray instance dies with the process that started it;
+``cluster stop`` stops the scheduler, then the keeper, which shuts that Ray instance down.
+
+The state directory (``$SCALEKV_STATE_DIR``, default ``~/.scalekv``) identifies the cluster:
+``cluster.json`` records its address, its own Ray namespace (``scalekv-<random>`` for a local
+cluster), the scheduler name and the keeper's pid and start time; ``store/`` holds the durable
+job store (``scheduler/store.py``). Every other command acts on the cluster recorded there, or on
+``--address`` (+ ``--name``/``--namespace``); with neither it fails at once rather than joining
+whatever Ray instance runs on the machine. ``cluster stop`` signals the recorded keeper only
+after checking it is still that process (start time and command line), and a record whose
+cluster is gone is reported in seconds, with ``cluster stop --forget`` as the way out.
 """
 
 from __future__ import annotations
@@ -39,26 +46,45 @@ index> and must be unique in the job (the first record that claims an id wins). 
 record gets one error result naming every bad field; the others run. A corrupt or truncated
 file is refused as a whole.
 
+Limits: a record is at most 64 KiB and nests at most 8 levels (else it is a record error);
+request_id is 1-128 characters of [A-Za-z0-9._-]; num 1..10000; seed in [0, 2^63) (seed+num
+too); cfg in [0, 100]; top_k in [0, 2^20] (0 disables); top_p in [0, 1] (0 disables);
+kv_budget in (0, 1]; policy one of `scalekv models` lists (at most 64 characters).
+
+The job id is printed first; the job is stored by the cluster, so it survives a scheduler
+restart (submit waits and resumes) and Ctrl-C (the job keeps running: `scalekv wait JOB --out
+DIR` collects it; `scalekv cancel JOB` stops it).
+
 Writes DIR/<request_id>.png and DIR/results.jsonl, one record per request in the same schema
 as `scalekv generate` (job_id, request_id, record, class_label, seed, ok, error, fields, png,
 tokens, kv_peak_bytes, seconds, stats), optionally DIR/results.msgpack (with PNG bytes).
-Exit code 0: all images; 1: some requests failed; 2: the job could not run.
+Exit code 0: all images; 1: some requests failed; 2: the job could not run or its results
+could not all be collected; 130: interrupted (the job keeps running).
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``cluster``, ``submit`` and ``status`` to the ``scalekv`` parser."""
+    """Add ``cluster``, ``submit``, ``wait``, ``jobs``, ``cancel`` and ``status`` to the parser."""
     c = shared.add_parser(sub, "cluster", "start or stop a scalekv cluster (Ray scheduler + workers)")
     csub = c.add_subparsers(dest="cluster_command", required=True)
 
     s = shared.add_parser(csub, "start", "start the scheduler and workers on Ray",
                           description="Start the scheduler and its workers. With --address, on that Ray cluster; "
-                                      "without, on a local Ray instance kept alive by a background process.")
+                                      "without, on a local Ray instance kept alive by a background process "
+                                      "(listening on 127.0.0.1 only unless --bind). If the cluster recorded in "
+                                      "$SCALEKV_STATE_DIR still runs Ray but its scheduler is gone, starts a new "
+                                      "scheduler there, which resumes the stored jobs.")
     s.add_argument("--address", default=None,
-                   help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray instance)")
+                   help="Ray cluster: HOST:PORT or 'auto' (default: start a local Ray instance)")
     from scheduler.config import DEFAULT_NAME
 
     s.add_argument("--name", default=DEFAULT_NAME, help="scheduler actor name")
+    s.add_argument("--namespace", default=None,
+                   help="Ray namespace of the scheduler and workers (default: a fresh scalekv-<random> for a local "
+                        "cluster, scalekv with --address)")
+    s.add_argument("--bind", default="127.0.0.1",
+                   help="local Ray only: the IP its servers listen on; a routable IP of this machine lets other "
+                        "machines join (protect it with Ray token auth, see README)")
     s.add_argument("--workers", type=int, default=None,
                    help="worker actors (default: one per GPU, or 1 without GPUs); CPU workers share the cores")
     s.add_argument("--num-cpus", type=int, default=None, help="local Ray only: CPUs it may use (default: all)")
@@ -70,13 +96,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Ray CPUs each CPU worker reserves (default: its share of the cluster's CPUs)")
     s.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a dead worker (-1: unlimited)")
     s.add_argument("--max-attempts", type=int, default=3, help="tries of a request whose worker keeps dying")
+    s.add_argument("--store-dir", default=None,
+                   help="durable job store (SQLite + result PNGs) on this node (default: $SCALEKV_STATE_DIR/store)")
+    s.add_argument("--collected-retention", type=float, default=600.0,
+                   help="seconds a fully collected job's results stay in the store")
+    s.add_argument("--retention", type=float, default=7 * 86400.0,
+                   help="seconds a finished job's results stay in the store if nobody collects them")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the workers to come up")
     shared.add_json(s, "the cluster status")
     shared.add_engine_args(s)
     s.set_defaults(func=cmd_cluster_start)
 
-    st = shared.add_parser(csub, "stop", "stop the scheduler and workers (and a local Ray instance started by start)")
+    st = shared.add_parser(csub, "stop", "stop the scheduler and workers (and a local Ray instance started by start)",
+                           description="Stop the cluster recorded in $SCALEKV_STATE_DIR (or --address + --name): "
+                                       "its scheduler and workers, and its local Ray keeper after checking the "
+                                       "recorded pid is still that keeper. --forget only removes the record.")
     shared.add_cluster_target(st)
+    st.add_argument("--forget", action="store_true",
+                    help="remove the state file's record of a cluster that is gone; stops nothing")
     st.set_defaults(func=cmd_cluster_stop)
 
     j = shared.add_parser(sub, "submit", "run a job file on the cluster: PNGs + results.jsonl",
@@ -86,10 +123,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     shared.add_cluster_target(j)
     j.add_argument("--format", default=None, choices=["jsonl", "msgpack"], help="default: by suffix, else sniffed")
     j.add_argument("--job-id", default=None, help="name the job (default: a random id)")
-    j.add_argument("--msgpack", action="store_true", help="also write results.msgpack (PNG bytes + stats)")
-    j.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: never)")
-    shared.add_json(j, "one result record per request")
+    _add_collect_args(j)
     j.set_defaults(func=cmd_submit)
+
+    w = shared.add_parser(sub, "wait", "re-attach to a job and collect its results (idempotent)",
+                          description="Collect every result of a job into DIR, as `submit` writes them: after a "
+                                      "Ctrl-C, a lost connection or a scheduler restart. Running it again "
+                                      "rewrites the same files.")
+    w.add_argument("job_id", metavar="JOB", help="job id (printed by submit; see `scalekv jobs`)")
+    w.add_argument("--out", required=True, help="output directory (results.jsonl is rewritten)")
+    shared.add_cluster_target(w)
+    _add_collect_args(w)
+    w.set_defaults(func=cmd_wait)
+
+    ls = shared.add_parser(sub, "jobs", "list the cluster's jobs (newest first)")
+    shared.add_cluster_target(ls)
+    ls.add_argument("--limit", type=int, default=50, help="at most this many")
+    shared.add_json(ls, "the job list")
+    ls.set_defaults(func=cmd_jobs)
+
+    cc = shared.add_parser(sub, "cancel", "cancel a job: drop its queued requests, abort its running ones")
+    cc.add_argument("job_id", metavar="JOB", help="job id")
+    shared.add_cluster_target(cc)
+    shared.add_json(cc, "what was cancelled")
+    cc.set_defaults(func=cmd_cancel)
 
     t = shared.add_parser(sub, "status", "workers, pool usage, queue depth, running requests, memory")
     shared.add_cluster_target(t)
@@ -97,13 +154,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_status)
 
 
+def _add_collect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--msgpack", action="store_true", help="also write results.msgpack (PNG bytes + stats)")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: never)")
+    shared.add_json(p, "one result record per request")
+
+
 def _fail(msg: str) -> int:
     print(f"scalekv: error: {msg}", file=sys.stderr)
     return 2
 
 
+def _connect(args: argparse.Namespace):
+    """The cluster the command means (raises ConnectionError subclasses with the reason)."""
+    from scheduler.client import ClusterClient
+
+    return ClusterClient.connect(args.address, args.name, args.namespace)
+
+
 # ----- cluster start / stop ----------------------------------------------------------------
-def _scheduler_config(args: argparse.Namespace):
+def _scheduler_config(args: argparse.Namespace, namespace: str, store_dir: str):
     from engine.config import EngineConfig
     from engine.models.registry import INFINITY_MODELS, default_checkpoint_dir, get_spec
     from scheduler.config import SchedulerConfig
@@ -118,7 +188,8 @@ def _scheduler_config(args: argparse.Namespace):
                           random_init=args.random_init, engine=engine, threads=args.threads, device=args.device)
     return SchedulerConfig(name=args.name, num_workers=args.workers, worker=worker, max_restarts=args.max_restarts,
                            max_attempts=args.max_attempts, worker_start_timeout_s=args.timeout,
-                           cpus_per_worker=args.cpus_per_worker)
+                           cpus_per_worker=args.cpus_per_worker, namespace=namespace, store_dir=store_dir,
+                           collected_retention_s=args.collected_retention, retention_s=args.retention)
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -131,16 +202,17 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def _start_keeper(args: argparse.Namespace) -> dict:
+def _start_keeper(args: argparse.Namespace, namespace: str) -> dict:
     """Start the keeper process (a local Ray instance) and wait for its address."""
-    from scheduler.client import REPO_ROOT, state_file
+    from scheduler.client import REPO_ROOT, state_dir
 
-    state_dir = state_file().parent
-    state_dir.mkdir(parents=True, exist_ok=True)
-    ready = state_dir / "keeper.ready"
+    sdir = state_dir()
+    sdir.mkdir(parents=True, exist_ok=True)
+    ready = sdir / "keeper.ready"
     ready.unlink(missing_ok=True)
-    log_path = state_dir / "keeper.log"
-    cmd = [sys.executable, "-m", "scheduler.keeper", "--ready", str(ready)]
+    log_path = sdir / "keeper.log"
+    cmd = [sys.executable, "-m", "scheduler.keeper", "--ready", str(ready), "--bind", args.bind,
+           "--namespace", namespace]
     if args.num_cpus is not None:
         cmd += ["--num-cpus", str(args.num_cpus)]
     if args.num_gpus is not None:
@@ -160,57 +232,91 @@ def _start_keeper(args: argparse.Namespace) -> dict:
         time.sleep(0.2)
     info = json.loads(ready.read_text())
     ready.unlink(missing_ok=True)
-    return {"address": info["address"], "keeper_pid": proc.pid, "keeper_log": str(log_path)}
+    return {"address": info["address"], "keeper_pid": proc.pid, "keeper_start": info.get("start"),
+            "keeper_log": str(log_path), "bind": args.bind}
+
+
+def _write_state(state: dict) -> Path:
+    from scheduler.client import state_file
+
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+    return path
 
 
 def cmd_cluster_start(args: argparse.Namespace) -> int:
-    from scheduler.client import ClusterClient, read_state, state_file
+    import uuid
 
-    try:
-        config = _scheduler_config(args)
-    except ValueError as e:
-        return _fail(str(e))
+    from scheduler.client import ClusterClient, keeper_is_ours, probe, read_state, state_dir
+    from scheduler.config import NAMESPACE
+
+    old = read_state()
     state: dict = {"name": args.name, "started_at": time.time()}
+    resume = False
     if args.address is None:
-        old = read_state()
-        if _pid_alive(old.get("keeper_pid")):
-            return _fail(f"a local cluster started by `scalekv cluster start` is running (keeper pid "
-                         f"{old['keeper_pid']}, Ray at {old.get('address')}): `scalekv cluster stop` first")
-        try:
-            state.update(_start_keeper(args))
-        except RuntimeError as e:
-            return _fail(str(e))
-        address = state["address"]
+        if old.get("keeper_pid") and keeper_is_ours(old) and probe(old.get("address", "")) is None:
+            if old.get("name") != args.name:
+                return _fail(f"the local cluster recorded in {state_dir()} runs scheduler {old.get('name')!r}; "
+                             "pass that --name, or `scalekv cluster stop` first")
+            resume = True  # its Ray is up: start a scheduler on it if none runs (it resumes the stored jobs)
+            state = dict(old, started_at=time.time())
+        else:
+            namespace = args.namespace or f"scalekv-{uuid.uuid4().hex[:8]}"
+            try:
+                state.update(_start_keeper(args, namespace), namespace=namespace)
+            except RuntimeError as e:
+                return _fail(str(e))
     else:
-        address = args.address
-        state["address"] = None if address == "auto" else address
+        state["address"] = args.address
+        state["namespace"] = args.namespace or (old.get("namespace") if old.get("address") == args.address
+                                                else None) or NAMESPACE
+        if old.get("address") == args.address and keeper_is_ours(old):  # recovery on our own keeper: keep it
+            state.update({k: old[k] for k in ("keeper_pid", "keeper_start", "keeper_log", "bind") if k in old})
+    state["store_dir"] = str(Path(args.store_dir).resolve()) if args.store_dir else \
+        state.get("store_dir") or str(state_dir() / "store")
     try:
-        client = ClusterClient.start(config, address=address, timeout=args.timeout)
+        config = _scheduler_config(args, state["namespace"], state["store_dir"])
+    except ValueError as e:
+        if state.get("keeper_pid") and not resume:
+            _stop_keeper(state)
+        return _fail(str(e))
+    try:
+        client = ClusterClient.start(config, address=state["address"], timeout=args.timeout)
     except (RuntimeError, ValueError, ConnectionError) as e:
-        if state.get("keeper_pid"):
-            _stop_keeper(state["keeper_pid"])
+        if state.get("keeper_pid") and not resume:
+            _stop_keeper(state)
         return _fail(f"cluster did not start: {e}")
-    if state.get("address") is None:
+    if state["address"] == "auto":
         import ray
 
         state["address"] = ray.get_runtime_context().gcs_address
-    path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=1))
+    path = _write_state(state)
     status = client.status()
     if args.json:
         print(json.dumps(status, default=str))
     else:
         print(format_status(status))
         where = f"local Ray instance (keeper pid {state['keeper_pid']})" if state.get("keeper_pid") else "Ray"
-        print(f"\nscheduler {args.name!r} up on {where} at {state['address']}; state in {path}\n"
-              f"next: scalekv submit JOBS.jsonl --out DIR   |   scalekv status   |   scalekv cluster stop")
+        restored = status["scheduler"].get("restored", 0)
+        print(f"\nscheduler {args.name!r} up on {where} at {state['address']} (namespace {state['namespace']}); "
+              f"state in {path}, jobs in {state['store_dir']}"
+              + (f"; resumed {restored} stored request(s)" if restored else "") +
+              "\nnext: scalekv submit JOBS.jsonl --out DIR   |   scalekv status   |   scalekv cluster stop")
     return 0
 
 
-def _stop_keeper(pid: int, timeout: float = 60.0) -> bool:
+def _stop_keeper(state: dict, timeout: float = 60.0) -> bool:
+    """SIGTERM the recorded keeper, only if that pid is still the keeper we started."""
+    from scheduler.client import keeper_is_ours
+
+    pid = state.get("keeper_pid")
     if not _pid_alive(pid):
         return True
+    if not keeper_is_ours(state):
+        return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while _pid_alive(pid) and time.monotonic() < deadline:
@@ -219,60 +325,87 @@ def _stop_keeper(pid: int, timeout: float = 60.0) -> bool:
 
 
 def cmd_cluster_stop(args: argparse.Namespace) -> int:
-    from scheduler.client import ClusterClient, read_state, state_file
+    from scheduler.client import (
+        ClusterClient,
+        NoClusterError,
+        SchedulerGoneError,
+        keeper_identity,
+        keeper_is_ours,
+        probe,
+        read_state,
+        resolve_target,
+        state_file,
+    )
 
-    state = read_state()
-    stopped_scheduler = None
+    if args.forget:
+        state = read_state()
+        state_file().unlink(missing_ok=True)
+        print(f"forgot {state_file()}" + (f" (cluster at {state.get('address')}); nothing was stopped" if state
+                                         else ": nothing was recorded"))
+        return 0
     try:
-        client = ClusterClient.connect(args.address, args.name)
-        stopped_scheduler = client.stop()
-    except (ConnectionError, RuntimeError) as e:
-        print(f"scalekv: {e}", file=sys.stderr)
-    keeper = state.get("keeper_pid") if (args.address is None or args.address == state.get("address")) else None
-    if keeper:
+        target = resolve_target(args.address, args.name, args.namespace)
+    except NoClusterError as e:
+        return _fail(str(e))
+    state = target.state
+    keeper = state.get("keeper_pid")
+    ours = bool(keeper) and keeper_is_ours(state)
+    why = probe(target.address)
+    stopped_scheduler = None
+    if why is None:
+        try:
+            client = ClusterClient.connect(target.address, target.name, target.namespace)
+            stopped_scheduler = client.stop()
+        except SchedulerGoneError as e:
+            print(f"scalekv: {e}", file=sys.stderr)
+        except ConnectionError as e:
+            return _fail(str(e))
+    elif not ours:
+        now = keeper_identity(keeper) if keeper else None
+        extra = "" if not keeper else (
+            f"; recorded keeper pid {keeper} is gone" if now is None else
+            f"; recorded keeper pid {keeper} is now another process ({now['cmdline'][:80]!r}): not signalled")
+        return _fail(f"the cluster recorded in {state_file() if state else target.address} is not running "
+                     f"(nothing answers at {target.address}: {why}){extra}. "
+                     "`scalekv cluster stop --forget` removes the record")
+    if keeper and not ours:
+        print(f"scalekv: recorded keeper pid {keeper} is not the keeper any more: not signalled", file=sys.stderr)
+    if ours:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()  # disconnect this driver before the instance goes away
-        if not _stop_keeper(keeper):
+        if not _stop_keeper(state):
             return _fail(f"local Ray keeper pid {keeper} did not exit; its log: {state.get('keeper_log')}")
-    if keeper or stopped_scheduler is not None:
+    if state and (ours or stopped_scheduler is not None):
         state_file().unlink(missing_ok=True)
-    if stopped_scheduler is None and not keeper:
-        return _fail("no scalekv cluster found to stop")
-    print(f"stopped scheduler {args.name!r}" + (f" and local Ray (keeper pid {keeper})" if keeper else "")
+    if stopped_scheduler is None and not ours:
+        return _fail(f"no scalekv scheduler {target.name!r} found to stop at {target.address}")
+    print(f"stopped scheduler {target.name!r}" + (f" and local Ray (keeper pid {keeper})" if ours else "")
           + (f": {json.dumps(stopped_scheduler)}" if stopped_scheduler else ""))
     return 0
 
 
-# ----- submit ------------------------------------------------------------------------------
-def cmd_submit(args: argparse.Namespace) -> int:
+# ----- submit / wait / jobs / cancel ---------------------------------------------------------
+def _collect(client, job_id: str, out: Path, args: argparse.Namespace, total: int | None,
+             expected: list[str] | None) -> int:
+    """Stream every result of the job into ``out`` (rewriting results.jsonl); the exit code."""
     from tqdm import tqdm
 
-    from scheduler.client import ClusterClient
-    from scheduler.wire import JobFileError, read_job_file, result_summary, write_results_msgpack
+    from scheduler.client import SchedulerGoneError
+    from scheduler.wire import result_summary, write_results_msgpack
 
-    try:
-        records = read_job_file(args.jobs, args.format)
-    except (JobFileError, FileNotFoundError) as e:
-        return _fail(str(e))
-    try:
-        client = ClusterClient.connect(args.address, args.name)
-        job = client.submit(records, name=Path(args.jobs).name, job_id=args.job_id)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        return _fail(str(e))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.jsonl").write_text("")
     if args.msgpack:
         (out / "results.msgpack").write_bytes(b"")
     t0 = time.perf_counter()
-    failed, errors = 0, []
-    bar = tqdm(total=job["total"], desc=f"job {job['job_id']}", unit="img",
-               disable=args.json or not sys.stderr.isatty())
+    failed, errors, seen = 0, [], set()
+    bar = tqdm(total=total, desc=f"job {job_id}", unit="img", disable=args.json or not sys.stderr.isatty())
     try:
         with (out / "results.jsonl").open("a") as f:
-            for r in client.stream(job, timeout=args.timeout):
+            for r in client.stream(job_id, timeout=args.timeout):
+                seen.add(r["request_id"])
                 rec = result_summary(r)
                 if r["ok"] and r.get("png"):
                     name = f"{r['request_id']}.png"
@@ -288,28 +421,109 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(rec, default=str), flush=True)
                 bar.update(1)
-    except TimeoutError as e:
+    except (TimeoutError, SchedulerGoneError, LookupError, ValueError) as e:
         bar.close()
-        return _fail(str(e))
+        missing = sorted(set(expected) - seen) if expected else []
+        more = f"; missing: {', '.join(missing[:20])}" + (f" ... ({len(missing)})" if len(missing) > 20 else "") \
+            if missing else ""
+        return _fail(f"{e}. {len(seen)} result(s) written to {out}/{more}. Once the cluster serves again "
+                     f"(`scalekv cluster start` resumes stored jobs): scalekv wait {job_id} --out {out}")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nscalekv: interrupted; job {job_id} keeps running on the cluster ({len(seen)} result(s) in "
+              f"{out}/): collect it with `scalekv wait {job_id} --out {out}`, stop it with "
+              f"`scalekv cancel {job_id}`", file=sys.stderr)
+        return 130
     bar.close()
     dt = time.perf_counter() - t0
-    n = job["total"]
+    n = len(seen)
     if not args.json:
         for line in errors[:20]:
             print(f"  error {line}", file=sys.stderr)
         if len(errors) > 20:
             print(f"  ... {len(errors) - 20} more in {out / 'results.jsonl'}", file=sys.stderr)
-        print(f"job {job['job_id']}: {n - failed} image(s), {failed} error(s) in {dt:.2f}s "
+        print(f"job {job_id}: {n - failed} image(s), {failed} error(s) in {dt:.2f}s "
               f"({(n - failed) / max(dt, 1e-9):.2f} img/s) -> {out}/", file=sys.stderr)
     return 1 if failed else 0
 
 
-# ----- status ------------------------------------------------------------------------------
-def cmd_status(args: argparse.Namespace) -> int:
-    from scheduler.client import ClusterClient
+def cmd_submit(args: argparse.Namespace) -> int:
+    import uuid
+
+    from scheduler.scheduler import JOB_ID_RE
+    from scheduler.wire import JobFileError, read_job_file
 
     try:
-        st = ClusterClient.connect(args.address, args.name).status(fresh=True)
+        records = read_job_file(args.jobs, args.format)
+    except (JobFileError, FileNotFoundError) as e:
+        return _fail(str(e))
+    job_id = args.job_id or uuid.uuid4().hex[:12]
+    if not JOB_ID_RE.match(job_id):
+        return _fail(f"--job-id: must be 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit, "
+                     f"got {job_id[:80]!r}")
+    try:
+        client = _connect(args)
+    except ConnectionError as e:
+        return _fail(str(e))
+    print(json.dumps({"job_id": job_id}) if args.json else f"job {job_id}", flush=True)
+    try:
+        job = client.submit(records, name=Path(args.jobs).name, job_id=job_id)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print(f"\nscalekv: interrupted while submitting job {job_id}: `scalekv jobs` shows whether it was taken",
+              file=sys.stderr)
+        return 130
+    return _collect(client, job_id, Path(args.out), args, job["total"], job.get("request_ids"))
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    try:
+        client = _connect(args)
+        st = client.job_status(args.job_id)
+    except (ConnectionError, ValueError) as e:
+        return _fail(str(e))
+    if st.get("evicted"):
+        return _fail(f"job {args.job_id}: its results were collected and evicted from the store")
+    return _collect(client, args.job_id, Path(args.out), args, st["total"], None)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    try:
+        jobs = _connect(args).jobs(args.limit)
+    except ConnectionError as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps(jobs, default=str))
+        return 0
+    print(f"{'job':<16} {'name':<20} {'state':<10} {'finished':>11} {'errors':>6} {'results':<10} {'age':>8}")
+    for j in jobs:
+        kept = "evicted" if j["evicted"] else "collected" if j["collected"] else "stored"
+        state = j["state"] if j["state"] == "cancelled" else ("done" if j["done"] else "running")
+        print(f"{j['job_id']:<16} {str(j['name'])[:20]:<20} {state:<10} {j['finished']:>5}/{j['total']:<5} "
+              f"{j['errors']:>6} {kept:<10} {time.time() - j['created']:>7.0f}s")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    try:
+        got = _connect(args).cancel(args.job_id)
+    except (ConnectionError, ValueError) as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps(got, default=str))
+    elif got.get("already_done"):
+        print(f"job {args.job_id} had already finished: nothing to cancel")
+    else:
+        print(f"job {args.job_id} cancelled: {got['queued_removed']} queued request(s) dropped, "
+              f"{got['running_cancelled']} running request(s) aborted, {got['pages_freed']} KV page(s) freed")
+    return 0
+
+
+# ----- status ------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        st = _connect(args).status(fresh=True)
     except (ConnectionError, RuntimeError) as e:
         return _fail(str(e))
     print(json.dumps(st, default=str, indent=1) if args.json else format_status(st))
@@ -355,5 +569,10 @@ def format_status(st: dict) -> str:
             f"{(w.get('stats') or {}).get('engine', {}).get('refiner_pages', 0)}" for w in st["workers"]))
     for j in st.get("jobs") or []:
         lines.append(f"job {j['job_id']} {j['name']}: {j['finished']}/{j['total']} finished, {j['errors']} errors, "
-                     f"{j['pending_fetch']} not yet fetched, {j['seconds']}s")
+                     f"{j['state']}, {j['seconds']}s")
+    if s.get("store"):
+        lines.append(f"job store {s['store']}: {s.get('jobs_total', 0)} job(s), {s.get('results_stored', 0)} "
+                     f"result(s) kept; {s.get('cancelled', 0)} request(s) cancelled"
+                     + (f"; restarted, restored {s.get('restored', 0)}, reclaimed {s.get('reclaimed', 0)}"
+                        if s.get("restarted") else ""))
     return "\n".join(lines)

@@ -9,8 +9,10 @@ import pytest
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import build_model
 from engine.request import FieldError, ImageRequest, ImageResult, RecordError
+from scheduler.demand import DemandCalculator
 from scheduler.jobs import Item, JobTable
 from scheduler.routing import WorkerView, pick_worker, route
+from scheduler.store import JobStore
 from workers.config import WorkerConfig
 from workers.worker import Worker
 
@@ -34,27 +36,52 @@ def test_route_spreads_load_and_stops_at_the_first_request_that_fits_nowhere():
     assert [v.reserved_pages for v in views] == [8, 8]
 
 
-def test_job_table_returns_each_result_once_and_retires_finished_jobs():
-    table = JobTable()
-    job = table.create("j1", "test", 3)
+def test_job_table_returns_each_result_once_and_keeps_no_finished_job_in_memory(tmp_path):
+    table = JobTable(JobStore(tmp_path))
+    reqs = [("a", 0, ImageRequest(request_id="a", class_label=1, seed=2, job_id="j1").model_dump_json(), 8)]
+    job = table.create("j1", "test", 3, reqs, [RecordError("c", 2, (FieldError("cfg", "must be finite"),))])
     with pytest.raises(ValueError, match="job_id"):
-        table.create("j1", "again", 1)
+        table.create("j1", "again", 1, [])
     item = Item("j1", ImageRequest(request_id="a", class_label=1, seed=2, job_id="j1"), demand=8, t_submitted=0.0,
                 t_queued=0.0)
     ok = ImageResult("a", 1, 2, job_id="j1", tokens=[1], stats={"worker": "w0"}).to_record(png=b"x")
     assert table.add_result("j1", "a", ok, item)
     assert not table.add_result("j1", "a", dict(ok, stats={"worker": "w1"}), item)  # second run
+    assert job.done == {"a", "c"} and not job.finished
     assert table.add_result("j1", "b", None, None, error="class_label: unknown class 99")
-    table.add_error(job, RecordError("c", 2, (FieldError("cfg", "must be finite"),)))
-    first = table.take(job, max_results=2)
-    assert [r["request_id"] for r in first["results"]] == ["a", "b"] and not first["done"]
-    assert first["results"][0]["stats"]["worker"] == "w0" and first["results"][1]["fields"] == ["class_label"]
+    assert "j1" not in table.jobs  # finished: everything is in the store
+    first = table.take("j1", 0, max_results=2)
+    assert [r["request_id"] for r in first["results"]] == ["c", "a"] and not first["done"]
+    assert first["results"][1]["stats"]["worker"] == "w0" and first["results"][1]["png"] == b"x"
+    assert first["results"][0]["fields"] == ["cfg"]
     assert set(first["results"][0]) == set(first["results"][1])  # one schema for images and errors
-    last = table.take(job, max_results=10)
-    assert [r["fields"] for r in last["results"]] == [["cfg"]] and last["done"]
-    assert "j1" not in table.jobs and table.retired_status("j1")["errors"] == 2 and len(table) == 1
-    assert not table.add_result("j1", "a", {}, None)  # a late run of a retired job's request
+    last = table.take("j1", first["cursor"], max_results=10)
+    assert [r["fields"] for r in last["results"]] == [["class_label"]] and last["done"]
+    again = table.take("j1", 0, max_results=10)  # a cursor read is idempotent: `scalekv wait` twice
+    assert [r["request_id"] for r in again["results"]] == ["c", "a", "b"]
+    assert not table.add_result("j1", "a", {}, None)  # a late run of a finished job's request
     assert table.counters == {"results": 3, "errors": 2, "duplicates_dropped": 2}
+
+
+def test_store_survives_a_reopen_and_evicts_collected_results(tmp_path):
+    store = JobStore(tmp_path)
+    table = JobTable(store)
+    body = ImageRequest(request_id="x", class_label=1, job_id="j").model_dump_json()
+    table.create("j", "n", 2, [("x", 0, body, 4), ("y", 1, body, 4)])
+    table.add_result("j", "x", ImageResult("x", 1, 0, job_id="j").to_record(png=b"png"), None)
+    store.close()
+    again = JobTable(JobStore(tmp_path))  # a restarted scheduler
+    assert [(p[1], p[4]) for p in again.restore()] == [("y", 4)]
+    assert again.jobs["j"].done == {"x"}
+    assert not again.add_result("j", "x", ImageResult("x", 1, 0).to_record(), None)  # deduplicated after restart
+    assert again.add_result("j", "y", ImageResult("y", 1, 0, job_id="j").to_record(png=b"png2"), None)
+    assert list((tmp_path / "results" / "j").iterdir())  # PNGs on disk, not in memory
+    assert again.take("j", None, 10)["done"] and again.store.job("j")["collected_at"] is not None
+    assert again.store.evict(collected_retention_s=0, retention_s=1e9) == ["j"]
+    assert not (tmp_path / "results" / "j").exists() and again.store.counts()["results_stored"] == 0
+    with pytest.raises(LookupError, match="evicted"):
+        again.take("j", 0, 10)
+    assert again.store.job("j")["finished"] == 2  # counts kept
 
 
 def _wire(i: int) -> ImageRequest:
@@ -120,6 +147,59 @@ def test_worker_page_demand_uses_the_engine_plan_and_names_bad_policies(worker):
     assert d["pages"] == engine.manager.request_pages(engine.plan_for("full", 1.0)) and d["policy"] == "full"
     bad = worker.page_demand("nope", None)
     assert bad["field"] == "policy" and bad["error"].startswith("policy: ") and "nope" in bad["error"]
+
+
+def test_scheduler_demand_matches_the_engine_for_every_policy_without_asking_a_worker(worker):
+    from memory.policy_names import POLICIES
+
+    engine = worker.engine
+    calc = DemandCalculator("var-micro", ENGINE)
+    for policy in POLICIES:
+        for budget in (None, 0.05, 0.3, 1.0):
+            want = worker.page_demand(policy, budget)
+            got = calc.demand(policy, budget, engine.pool.block_size, engine.pool.num_pages)
+            assert ("pages" in got) == ("pages" in want), (policy, budget, got, want)
+            if "pages" in got:
+                assert got["pages"] == want["pages"], (policy, budget)
+            else:
+                assert got["field"] == want["field"]
+    t0 = time.perf_counter()
+    for i in range(300):  # unknown names cost nothing and are not cached
+        assert calc.demand(f"nope-{i}", None, 4, 100)["field"] == "policy"
+    for i in range(300):
+        calc.demand("full", 0.001 + i / 400, 4, 10**6)
+    assert time.perf_counter() - t0 < 5 and len(calc._cache) <= 256
+
+
+def test_worker_keeps_results_until_acknowledged_and_cancel_returns_pages(worker):
+    worker.submit([_wire(40), _wire(41)], worker.incarnation)
+    got, deadline = [], time.monotonic() + 60
+    while len(got) < 2 and time.monotonic() < deadline:
+        got = worker.poll(0.5, ack=0)["results"]  # nothing acknowledged: the same results again
+    again = worker.poll(0.1, ack=0)
+    assert sorted(r["key"] for r in again["results"]) == ["job/q40", "job/q41"]
+    assert {"job/q40", "job/q41"} <= set(worker.hello()["held_keys"])  # a restarted scheduler reclaims these
+    assert worker.poll(0.1, ack=again["last"])["results"] == []
+    assert worker.hello()["held_keys"] == []
+    keys = [f"job/q{i}" for i in range(50, 80)]
+    worker.submit([_wire(i) for i in range(50, 80)], worker.incarnation)
+    deadline = time.monotonic() + 30
+    while worker.stats()["engine"]["num_requests_running"] == 0:  # admitted: pages reserved
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    worker.pause()
+    try:
+        held = worker.stats()["engine"]
+        out = worker.cancel(keys)
+    finally:
+        worker.resume()
+    assert held["reserved_pages"] > 0 and out["pages_freed"] == held["reserved_pages"]
+    st = worker.stats()["engine"]
+    assert st["used"] == 0 and st["available_pages"] == st["num_pages"] and st["requests_reserved"] == 0
+    results = _drain(worker, 30)
+    assert sorted(r["key"] for r in results) == sorted(keys)  # each exactly once: an image or "cancelled"
+    assert sum(not r["ok"] for r in results) == out["cancelled"] and all(
+        r["error"] == "cancelled" for r in results if not r["ok"])
 
 
 def test_bad_request_reaching_a_worker_comes_back_as_an_error(worker):
