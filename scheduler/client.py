@@ -171,7 +171,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, namespac
                 raise ConnectionError(f"this process is already connected to the Ray cluster at {current}, "
                                       f"not {address}: one process talks to one cluster")
         return
-    kwargs: dict[str, Any] = dict(namespace=namespace, include_dashboard=False, log_to_driver=False)
+    # Ray's INFO lines ("Started a local Ray instance", "Connecting to existing Ray cluster") are
+    # off unless asked for: SCALEKV_RAY_LOG_LEVEL=INFO brings them back.
+    kwargs: dict[str, Any] = dict(namespace=namespace, include_dashboard=False, log_to_driver=False,
+                                  logging_level=os.environ.get("SCALEKV_RAY_LOG_LEVEL", "WARNING"))
     if address is None:
         kwargs.update(address="local", num_cpus=num_cpus)
     else:
