@@ -127,10 +127,16 @@ class ModelRunner:
         for g in self._groups:
             n, si, lq = len(g.states), g.scale, g.length
             g.io = []
+            # Pages are handed out up front only when every layer of every sequence appends: a
+            # plan that compresses some layer at this scale is sized for growth in layer order
+            # (a later layer grows after an earlier one has shrunk), which up-front allocation
+            # of the growing layers would break.
+            all_append = all(g.states[i % n].plan.kept[si][layer] == table.num_tokens(seq, layer) + lq
+                             for layer in range(self.config.depth) for i, seq in enumerate(g.seqs))
             for layer in range(self.config.depth):
                 hist = [table.num_tokens(seq, layer) for seq in g.seqs]
                 io = _LayerIO(hist=hist)
-                appends = True
+                appends = all_append
                 for i, _seq in enumerate(g.seqs):
                     st = g.states[i % n]
                     keep = st.plan.kept[si][layer]

@@ -125,3 +125,21 @@ def test_generate_takes_a_class_name(tmp_path):
                  "--threads", "1"]) == 0
     (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rec["ok"] and rec["class_label"] == 7 and (tmp_path / rec["png"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("budget", [0.04, 0.1, 0.2])
+def test_every_policy_fits_its_reservation_on_the_shipped_model(budget):
+    """Plans are sized for layers growing in order (a drafter grows after earlier refiners have
+    shrunk); the runner must not hand a growing layer its pages before then. scalekv at 0.2 on
+    var-tiny once needed 108 pages of a 98-page reservation."""
+    from engine.api import EngineConfig, ImageEngine
+    from engine.request import ImageRequest
+    from memory.policy_names import POLICIES
+
+    model = build_model("var-tiny")
+    for policy in POLICIES:
+        eng = ImageEngine(model, EngineConfig(dtype="float32", kv_pool_bytes=128 << 20, policy=policy,
+                                              kv_budget=budget))
+        (res,) = eng.generate([ImageRequest(class_label=0, seed=0)])
+        assert res.ok, (policy, res.error)
+        assert eng.pool.num_free == eng.pool.num_pages
