@@ -401,8 +401,9 @@ def _collect(client, job_id: str, out: Path, args: argparse.Namespace, total: in
         (out / "results.msgpack").write_bytes(b"")
     t0 = time.perf_counter()
     failed, errors, seen = 0, [], set()
-    bar = tqdm(total=total, desc=f"job {job_id}", unit="img", disable=args.json or not sys.stderr.isatty())
-    try:
+    bar = None
+    try:  # the bar too: a Ctrl-C may come while it is still being built
+        bar = tqdm(total=total, desc=f"job {job_id}", unit="img", disable=args.json or not sys.stderr.isatty())
         with (out / "results.jsonl").open("a") as f:
             for r in client.stream(job_id, timeout=args.timeout):
                 seen.add(r["request_id"])
@@ -422,14 +423,16 @@ def _collect(client, job_id: str, out: Path, args: argparse.Namespace, total: in
                     print(json.dumps(rec, default=str), flush=True)
                 bar.update(1)
     except (TimeoutError, SchedulerGoneError, LookupError, ValueError) as e:
-        bar.close()
+        if bar is not None:
+            bar.close()
         missing = sorted(set(expected) - seen) if expected else []
         more = f"; missing: {', '.join(missing[:20])}" + (f" ... ({len(missing)})" if len(missing) > 20 else "") \
             if missing else ""
         return _fail(f"{e}. {len(seen)} result(s) written to {out}/{more}. Once the cluster serves again "
                      f"(`scalekv cluster start` resumes stored jobs): scalekv wait {job_id} --out {out}")
     except KeyboardInterrupt:
-        bar.close()
+        if bar is not None:
+            bar.close()
         print(f"\nscalekv: interrupted; job {job_id} keeps running on the cluster ({len(seen)} result(s) in "
               f"{out}/): collect it with `scalekv wait {job_id} --out {out}`, stop it with "
               f"`scalekv cancel {job_id}`", file=sys.stderr)

@@ -274,6 +274,10 @@ def test_metrics_have_the_documented_families_and_move_under_load(served):
     assert _value(m1, "scalekv:request_policy", "_total", policy="full") >= \
         _value(m0, "scalekv:request_policy", "_total", policy="full") + 3
     assert _value(m1, "scalekv:num_preemptions", "_total") == 0
+    deadline = time.monotonic() + 10  # the gauge follows the workers' stats, sent with their next poll
+    while _value(m1, "scalekv:kv_cache_usage_perc") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        m1 = _metrics(server.url)
     assert _value(m1, "scalekv:kv_cache_usage_perc") == 0  # all pages back
 
 
