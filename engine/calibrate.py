@@ -31,30 +31,36 @@ import torch
 
 from memory.profile import CalibrationSettings, ScaleProfile
 
-from .models.registry import LoadedModel
+from .models.registry import LoadedInfinity, LoadedModel
 from .reference import ContiguousKVCache, run_scales
 from .request import ImageRequest
 
-__all__ = ["ASIRecorder", "AttentionRecorder", "attention_report", "calibrate", "plot_attention_report",
+__all__ = ["ASIRecorder", "AttentionRecorder", "attention_report", "calibrate", "calibrate_infinity",
+           "plot_attention_report",
            "rank_drafters", "timed_calibrate", "zscore_within_scales"]
 
 
 class ASIRecorder(ContiguousKVCache):
     """The reference cache, also recording the two ASI factors per (scale, layer)."""
 
-    def __init__(self, model: LoadedModel, num_queries: int, topk_ratio: float, seed: int) -> None:
-        super().__init__(model)
-        var_config = model.spec.var
+    def __init__(self, model: LoadedModel | LoadedInfinity, num_queries: int, topk_ratio: float, seed: int,
+                 scale_lengths: list[int] | None = None) -> None:
+        """``scale_lengths``: tokens per scale of the schedule being run (Infinity: h w of each
+        grid of the calibrated schedule); None: the VAR model's square schedule."""
+        if scale_lengths is None:
+            super().__init__(model)
+            scale_lengths = model.spec.var.scale_lengths()
+        else:
+            super().__init__(softmax_scales=model.softmax_scales)
         self.num_queries, self.topk_ratio = num_queries, topk_ratio
         self.scale_index = 0
-        k, depth = var_config.num_scales, var_config.depth
+        k, depth = len(scale_lengths), len(self.softmax_scales)
         self.current_mass = torch.zeros(k, depth, dtype=torch.float64)
         self.history_topk = torch.zeros(k, depth, dtype=torch.float64)
         self.calls = torch.zeros(k, depth, dtype=torch.float64)
         gen = torch.Generator().manual_seed(seed)
         # the same sampled query positions for every layer and request of a scale
-        self.queries = [torch.randperm(n, generator=gen)[: num_queries].sort().values
-                        for n in var_config.scale_lengths()]
+        self.queries = [torch.randperm(n, generator=gen)[: num_queries].sort().values for n in scale_lengths]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         hist = 0 if self.k[layer] is None else self.k[layer].shape[2]
@@ -104,10 +110,23 @@ def calibrate(
     topk_ratio: float = 0.1,
     num_drafters: int | None = None,
     dtype: str = "float32",
+    texts: list[torch.Tensor] | None = None,
+    h_div_w: float = 1.0,
+    resolution: str | int | None = None,
 ) -> ScaleProfile:
     """Run ``num_requests`` full-cache requests (classes 0, 1, ..., seeds seed, seed+1, ...,
     the model's default sampling) and derive the profile. ``num_drafters`` defaults to one per
-    scale that has a history (``num_scales - 1``)."""
+    scale that has a history (``num_scales - 1``).
+
+    An Infinity model (``LoadedInfinity``) is calibrated on prompts instead: ``texts`` (prompt
+    encoder states, one request each; ``num_requests`` is ignored) at one aspect ratio and
+    resolution, see ``calibrate_infinity``."""
+    if isinstance(model, LoadedInfinity):
+        if texts is None:
+            raise ValueError("texts: calibrating an Infinity model needs prompt encoder states (texts)")
+        return calibrate_infinity(model, texts, h_div_w=h_div_w, resolution=resolution, seed=seed,
+                                  num_queries=num_queries, topk_ratio=topk_ratio, num_drafters=num_drafters,
+                                  dtype=dtype)
     spec = model.spec
     var_config = spec.var
     if num_requests < 1:
@@ -139,6 +158,68 @@ def calibrate(
     return ScaleProfile(model=spec.name, patch_nums=tuple(var_config.patch_nums), depth=var_config.depth,
                         drafters=tuple(tuple(d) for d in drafters), asi=table(asi), zscore=table(z),
                         current_mass=table(cur), history_topk=table(top), settings=settings)
+
+
+def _tables_profile(name: str, schedule: tuple, depth: int, rec: ASIRecorder, num_drafters: int,
+                    settings: CalibrationSettings) -> ScaleProfile:
+    cur, top = rec.factors()
+    asi = cur * top
+    z = zscore_within_scales(asi)
+    drafters = rank_drafters(z, num_drafters)
+
+    def table(t: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(round(float(x), 8) for x in row) for row in t.tolist())  # as stored in JSON
+
+    return ScaleProfile(model=name, patch_nums=tuple(schedule), depth=depth,
+                        drafters=tuple(tuple(d) for d in drafters), asi=table(asi), zscore=table(z),
+                        current_mass=table(cur), history_topk=table(top), settings=settings)
+
+
+@torch.no_grad()
+def calibrate_infinity(
+    loaded: LoadedInfinity,
+    texts: list[torch.Tensor],
+    h_div_w: float = 1.0,
+    resolution: str | int | None = None,
+    seed: int = 0,
+    num_queries: int = 64,
+    topk_ratio: float = 0.1,
+    num_drafters: int | None = None,
+    dtype: str = "float32",
+) -> ScaleProfile:
+    """Calibrate an Infinity model on prompts: one full-cache request per ``texts`` entry
+    (prompt encoder states ``[T, text_channels]``; seeds seed, seed+1, ..., the model's default
+    sampling) at one aspect ratio (snapped to the nearest template) and resolution, through
+    ``run_infinity_scales`` with an ASI-recording cache. The profile's ``patch_nums`` is that
+    schedule's (h, w) grids: scalekv serves requests of exactly that schedule with it."""
+    from .infinity_reference import TextImageRequest, run_infinity_scales
+
+    spec, cfg = loaded.spec, loaded.spec.model
+    if not texts:
+        raise ValueError("texts: need at least one prompt")
+    if num_queries < 1:
+        raise ValueError(f"num_queries: must be >= 1, got {num_queries}")
+    if not 0 < topk_ratio <= 1:
+        raise ValueError(f"topk_ratio: must be in (0, 1], got {topk_ratio}")
+    for i, t in enumerate(texts):
+        if t.dim() != 2 or t.shape[1] != cfg.text_channels:
+            raise ValueError(f"texts[{i}]: expected [T, {cfg.text_channels}] encoder states, got {tuple(t.shape)}")
+    ratio = cfg.nearest_ratio(h_div_w)
+    schedule = cfg.schedule(ratio, resolution)
+    k = len(schedule)
+    pairs = (k - 1) * cfg.depth
+    n_d = k - 1 if num_drafters is None else num_drafters
+    if not 0 <= n_d <= pairs:
+        raise ValueError(f"num_drafters: must be in 0..{pairs} ((scales - 1) x layers), got {n_d}")
+    reqs = [TextImageRequest(text=t[: cfg.text_maxlen], seed=seed + i, h_div_w=ratio, resolution=resolution).resolved(
+        loaded) for i, t in enumerate(texts)]
+    rec = ASIRecorder(loaded, num_queries, topk_ratio, seed, scale_lengths=[h * w for h, w in schedule])
+    run_infinity_scales(loaded, reqs, cache=rec, dtype=dtype)
+    r0 = reqs[0]
+    settings = CalibrationSettings(num_requests=len(texts), seed=seed, num_queries=num_queries, topk_ratio=topk_ratio,
+                                   num_drafters=n_d, cfg=float(r0.cfg), top_k=int(r0.top_k), top_p=float(r0.top_p),
+                                   dtype=dtype, weights=loaded.source)
+    return _tables_profile(spec.name, schedule, cfg.depth, rec, n_d, settings)
 
 
 def timed_calibrate(model: LoadedModel, **kw) -> tuple[ScaleProfile, float]:

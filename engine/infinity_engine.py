@@ -9,8 +9,9 @@ with what differs for Infinity overridden:
   (``EngineConfig.text_encoder``, or one passed in), one prompt at a time so a prompt's states
   never depend on its neighbours; the request's aspect ratio is snapped to the model's nearest
   template and its resolution checked;
-- page demand is per request: ``full_plan(spec.model.scale_lengths(h_div_w, resolution), depth)``
-  (only the ``full`` policy: the compressing selection policies score square token maps);
+- page demand is per request: the plan of its schedule (``engine.infinity_plans.infinity_plan``,
+  shared with the scheduler): ``full`` or a compressing policy over the request's h x w grids
+  (scalekv with a profile calibrated on that schedule, ``EngineConfig.profile_path``);
 - at admission each request's 2-row text condition (pooled text, AdaLN rows, every layer's
   cross-attention K/V) is computed once and kept with the request until it finishes;
 - a finished request's tokens are its bits packed into one integer per token.
@@ -24,19 +25,20 @@ from typing import Protocol
 
 import torch
 
-from memory.manager import KVPlan, MemoryManager, RequestTooLargeError, full_plan
+from memory.manager import KVPlan, MemoryManager, RequestTooLargeError
 from memory.policy_names import POLICIES
 from memory.pool import KVPool
 
 from .api import ImageEngine, _error_result
 from .config import DEFAULT_CPU_POOL_BYTES, EngineConfig
+from .infinity_plans import infinity_plan
 from .infinity_runner import InfinityRequestState, InfinityRunner, pack_bits
 from .models.registry import LoadedInfinity
 from .precision import resolve_dtype
 from .request import ImageRequest, ImageResult, field_errors
 from .sampling import make_generator
 
-INFINITY_POLICIES = ("full",)
+INFINITY_POLICIES = POLICIES  # every policy; scalekv needs a profile of the request's schedule
 
 
 class PromptEncoder(Protocol):
@@ -112,22 +114,20 @@ class InfinityEngine(ImageEngine):
     # ----- plans ------------------------------------------------------------------------------
     def plan_for(self, policy: str, kv_budget: float, h_div_w: float = 1.0,
                  resolution: str | int | None = None) -> KVPlan:
-        """The ``full`` plan of a request's schedule (its snapped aspect ratio and resolution)."""
+        """The plan of a request's schedule (its snapped aspect ratio and resolution) under
+        ``policy`` at ``kv_budget`` (``engine.infinity_plans.infinity_plan``, also what the
+        scheduler sizes jobs with); cached per (policy, budget, ratio, number of scales)."""
         if policy not in POLICIES:
             raise ValueError(f"policy: unknown policy {policy!r} (available: {', '.join(POLICIES)})")
-        if policy not in INFINITY_POLICIES:
-            raise ValueError(f"policy: {policy!r} is not available for Infinity models, which serve "
-                             f"{', '.join(INFINITY_POLICIES)} only: the compressing selection policies score "
-                             "square token maps (SelectionContext.side) and Infinity's maps are h x w")
         cfg = self.model.spec.model
         ratio = cfg.nearest_ratio(h_div_w)
         try:
             n = cfg.num_scales_for(resolution)
         except ValueError as e:
             raise ValueError(f"resolution: {str(e).removeprefix('resolution: ')}") from None
-        key = (policy, ratio, n)
+        key = (policy, float(kv_budget), ratio, n)
         if key not in self._plans:
-            self._plans[key] = full_plan(cfg.scale_lengths(ratio, n), cfg.depth)
+            self._plans[key] = infinity_plan(self.model.spec.name, cfg, policy, kv_budget, ratio, n, self.config)
         return self._plans[key]
 
     # ----- requests ---------------------------------------------------------------------------
@@ -160,6 +160,7 @@ class InfinityEngine(ImageEngine):
             name = req.policy or self.config.policy
             plan = self.plan_for(name, self.config.kv_budget if req.kv_budget is None else req.kv_budget, ratio,
                                  req.resolution)
+            policy = self.policy_for(name)
             self.manager.check_fits_pool(plan)
             text = self._encode(req.prompt)
             negative = None if req.negative_prompt is None else self._encode(req.negative_prompt)
@@ -170,6 +171,7 @@ class InfinityEngine(ImageEngine):
             request=req,
             seqs=(next(self._seq_ids), next(self._seq_ids)),
             plan=plan,
+            policy=policy,
             generator=make_generator(req.seed),
             h_div_w=ratio,
             schedule=cfg.schedule(ratio, req.resolution),

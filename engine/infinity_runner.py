@@ -17,9 +17,10 @@ the cross-attention runs per sequence on its own text. After the blocks, each gr
 are guided and sampled bit by bit (``sample_scale_bits``), each request with its own
 generator, so a request's bits do not depend on what else shares its step.
 
-Only the ``full`` KV plan runs here (every layer keeps every finished scale): the selection
-policies of ``memory.policies`` score square token maps and are refused for Infinity by the
-engine (``InfinityEngine.plan_for``).
+Every KV plan runs here: where a request's plan keeps history + current the current tokens
+are appended; where it keeps fewer, right after the layer's attention, the request's selection
+policy (``memory.policies``) chooses them on the scale's h x w map (``SelectionContext.height``
+/ ``width``) and the layer's pages are rewritten with them, as ``runner.ModelRunner`` does.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memory.attention import paged_attention
+from memory.attention import gather_kv, paged_attention
 from memory.manager import KVPlan, MemoryManager
-from memory.policies import SelectionPolicy
+from memory.policies import SelectionContext, SelectionPolicy
 from memory.pool import KVPool
 
 from .models.bsq import NextScaleState
@@ -196,45 +197,95 @@ class InfinityRunner:
             table, hist = self.manager.table.block_table_tensor(g.seqs, layer, device=self.pool.device)
             out = paged_attention(qg, kg, vg, self.pool, table, hist, float(self.softmax_scales[layer]),
                                   self.backend)
-            self._write_back(layer, g, kg, vg, hist.tolist())
+            self._write_back(layer, g, kg, vg, hist.tolist(), q=qg)
             outs.append(out.transpose(0, 1).reshape(h, g.num_tokens, d))
         return torch.cat(outs, dim=1).unsqueeze(0)
 
-    def _write_back(self, layer: int, g: _Group, k: torch.Tensor, v: torch.Tensor, hist: list[int]) -> None:
-        """Append the group's current K/V [S, H, Lq, D] to each sequence's pages (the full
-        plan); after a request's last scale its layer keeps nothing and its pages go back."""
+    def _write_back(self, layer: int, g: _Group, k: torch.Tensor, v: torch.Tensor, hist: list[int],
+                    q: torch.Tensor | None = None) -> None:
+        """Keep this layer's tokens for later scales (the group's current q/k/v [S, H, Lq, D]).
+        Where the plan keeps history + current the current tokens are appended; where it keeps
+        fewer, the request's policy chooses them on the (h, w) map of this scale; after a
+        request's last scale its layer keeps nothing and its pages go back."""
         n = len(g.states)
         append: list[int] = []
+        buckets: dict[tuple[int, int, int], list[int]] = {}
         for i, seq in enumerate(g.seqs):
-            keep = g.states[i % n].plan.kept[g.scale][layer]
+            state = g.states[i % n]
+            keep, held = state.plan.kept[g.scale][layer], hist[i] + g.length
             if keep == 0:
                 self.manager.set_tokens(seq, layer, 0)
-            elif keep == hist[i] + g.length:
+                continue
+            if keep > held:
+                raise ValueError(f"plan {state.plan.name!r} keeps {keep} tokens at scale {g.scale} layer {layer}, "
+                                 f"the layer holds only {held}")
+            policy = state.policy
+            if keep == held and (policy is None or not policy.observes_every_step):
                 append.append(i)
-            else:
-                raise ValueError(f"plan {g.states[i % n].plan.name!r} keeps {keep} tokens at scale {g.scale} "
-                                 f"layer {layer}; the Infinity runner keeps history + current "
-                                 f"({hist[i] + g.length}) or nothing")
-        if not append:
-            return
-        idx = torch.tensor(append, device=k.device)
-        kc, vc = k[idx].transpose(1, 2), v[idx].transpose(1, 2)  # [S, Lq, H, D]
-        bs, t = self.pool.block_size, g.length
+                continue
+            if policy is None:
+                raise ValueError(f"plan {state.plan.name!r} keeps {keep} tokens at scale {g.scale} layer {layer} "
+                                 "but no compression policy is attached to choose them")
+            buckets.setdefault((id(policy), keep, hist[i]), []).append(i)
+        if append:
+            idx = torch.tensor(append, device=k.device)
+            self._store(layer, [g.seqs[i] for i in append], [hist[i] for i in append],
+                        k[idx].transpose(1, 2), v[idx].transpose(1, 2))
+        for (_pid, keep, h), rows in buckets.items():
+            self._compress(layer, g, g.states[rows[0] % n].policy, rows, keep, h, q, k, v)
+
+    def _store(self, layer: int, seqs: list[int], starts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``, ``v`` ``[S, T, H, D]`` of each sequence at its slots ``start .. start + T``
+        (growing its pages first), then record ``start + T`` kept tokens (surplus pages return)."""
+        t, bs = k.shape[1], self.pool.block_size
         page_rows, slot_rows = [], []
-        for i in append:
-            pages = self.manager.ensure_capacity(g.seqs[i], layer, hist[i] + t)
-            slots = torch.arange(hist[i], hist[i] + t)
+        for seq, start in zip(seqs, starts):
+            pages = self.manager.ensure_capacity(seq, layer, start + t)
+            slots = torch.arange(start, start + t)
             page_rows.append(torch.tensor(pages, dtype=torch.long)[slots // bs])
             slot_rows.append(slots % bs)
         kv = self.pool.kv
         page_idx = torch.cat(page_rows).to(kv.device)
         offsets = torch.cat(slot_rows).to(kv.device)
         kind = torch.zeros_like(offsets)
-        hh, dd = kc.shape[2], kc.shape[3]
-        kv.index_put_((page_idx, kind, offsets), kc.reshape(-1, hh, dd).to(device=kv.device, dtype=kv.dtype))
-        kv.index_put_((page_idx, kind + 1, offsets), vc.reshape(-1, hh, dd).to(device=kv.device, dtype=kv.dtype))
-        for i in append:
-            self.manager.set_tokens(g.seqs[i], layer, hist[i] + t)
+        hh, dd = k.shape[2], k.shape[3]
+        kv.index_put_((page_idx, kind, offsets), k.reshape(-1, hh, dd).to(device=kv.device, dtype=kv.dtype))
+        kv.index_put_((page_idx, kind + 1, offsets), v.reshape(-1, hh, dd).to(device=kv.device, dtype=kv.dtype))
+        for seq, start in zip(seqs, starts):
+            self.manager.set_tokens(seq, layer, start + t)
+
+    def _compress(self, layer: int, g: _Group, policy: SelectionPolicy, rows: list[int], keep: int, hist: int,
+                  q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Select ``keep`` of (history + current) tokens for the sequences ``rows`` of the group
+        (the policy sees the map's (h, w)) and rewrite their pages with them from slot 0."""
+        if q is None:
+            raise ValueError("compression needs the layer's queries (q)")
+        seqs = [g.seqs[i] for i in rows]
+        idx = torch.tensor(rows, device=k.device)
+        qc, kc, vc = q[idx], k[idx], v[idx]
+        if hist > 0:
+            table = self.manager.table.block_table_tensor(seqs, layer, device=self.pool.device)[0]
+            kh, vh, _ = gather_kv(self.pool, table, [hist] * len(seqs))  # a copy: rewriting pages is safe
+            keys = torch.cat([kh.to(device=kc.device, dtype=kc.dtype), kc], dim=2)
+            values = torch.cat([vh.to(device=vc.device, dtype=vc.dtype), vc], dim=2)
+        else:
+            keys, values = kc, vc
+        h_map, w_map = g.hw
+        ctx = SelectionContext(layer=layer, scale=g.scale, height=h_map, width=w_map, hist_len=hist, capacity=keep,
+                               softmax_scale=float(self.softmax_scales[layer]), seqs=tuple(seqs))
+        chosen = policy.select(ctx, qc, keys)
+        if chosen is None:  # an observing policy that evicts nothing at this scale
+            if keep != keys.shape[2]:
+                raise ValueError(f"policy {policy.name!r} kept everything but the plan keeps {keep} of "
+                                 f"{keys.shape[2]} tokens")
+            self._store(layer, seqs, [hist] * len(seqs), kc.transpose(1, 2), vc.transpose(1, 2))
+            return
+        s, h, _n, d = keys.shape
+        if tuple(chosen.shape) != (s, h, keep):
+            raise ValueError(f"policy {policy.name!r} returned indices {tuple(chosen.shape)}, expected {(s, h, keep)}")
+        gidx = chosen.to(keys.device).unsqueeze(-1).expand(s, h, keep, d)
+        self._store(layer, seqs, [0] * len(seqs), keys.gather(2, gidx).transpose(1, 2),
+                    values.gather(2, gidx).transpose(1, 2))
 
     # ----- one step ---------------------------------------------------------------------------
     @torch.no_grad()

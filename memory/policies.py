@@ -18,7 +18,7 @@ Policies (and the budget split they run under, see ``memory.budgets``):
 - ``snapkv``: uniform budget; the last ``window`` current tokens are the observation window.
 - ``pyramidkv``: SnapKV selection under budgets that decrease with depth.
 - ``scalekv``: the scale profile's drafter/refiner budgets; the window is the centre token of
-  each cell of a sqrt(W) x sqrt(W) grid over the current map (spatial coverage). The paper's
+  each cell of a sqrt(W) x sqrt(W) grid stretched over the current h x w map (spatial coverage). The paper's
   method, as shipped.
 - ``scalekv-allq``: ScaleKV's budgets (calibrated drafters) with every candidate scored by the
   attention of **all** current-scale queries, not pooled (see ``POLICY_DEFAULTS``); on var-tiny
@@ -73,39 +73,68 @@ QUERY_BLOCK = 256  # queries scored at once by all-query scoring (bounds the [S,
 
 @dataclass(frozen=True)
 class SelectionContext:
-    """What a policy knows about one selection call (all sequences share it)."""
+    """What a policy knows about one selection call (all sequences share it).
+
+    The current map is ``height x width`` tokens (Infinity's maps are h x w); a square VAR map
+    may be given by ``side`` alone (``height = width = side``). ``side`` is the map's side when
+    it is square, else None."""
 
     layer: int
     scale: int
-    side: int  # the current map is side x side tokens
-    hist_len: int  # history tokens per sequence (candidates 0..hist_len-1)
-    capacity: int  # tokens to keep per sequence and head
-    softmax_scale: float
+    side: int | None = None  # square maps: the current map is side x side tokens
+    hist_len: int = 0  # history tokens per sequence (candidates 0..hist_len-1)
+    capacity: int = 0  # tokens to keep per sequence and head
+    softmax_scale: float = 1.0
     seqs: tuple[int, ...] = ()
+    height: int | None = None  # the current map is height x width tokens (row-major)
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        h = self.side if self.height is None else self.height
+        w = self.side if self.width is None else self.width
+        if h is None or w is None:
+            raise ValueError("SelectionContext: give side (square map) or height and width")
+        if self.side is not None and (h, w) != (self.side, self.side):
+            raise ValueError(f"SelectionContext: side {self.side} disagrees with the map {h} x {w}")
+        object.__setattr__(self, "height", int(h))
+        object.__setattr__(self, "width", int(w))
+        object.__setattr__(self, "side", int(h) if h == w else None)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
 
     @property
     def num_candidates(self) -> int:
-        return self.hist_len + self.side * self.side
+        return self.hist_len + self.height * self.width
 
 
 # ----------------------------------------------------------------------------- windows
-def grid_window(side: int, window_size: int) -> torch.Tensor:
-    """Row-major positions in a ``side x side`` map of the centre token of each cell of a
-    ``g x g`` grid (``g = sqrt(window_size)``); all positions when the map is not larger than
-    the grid (every token is then its own cell)."""
+def _cell_centres(n: int, g: int) -> list[int]:
+    """Centres of ``g`` equal cells over ``n`` positions (every position when ``n <= g``)."""
+    if n <= g:
+        return list(range(n))
+    bounds = [i * n // g for i in range(g + 1)]
+    return [(bounds[i] + bounds[i + 1] - 1) // 2 for i in range(g)]
+
+
+def grid_window(height: int, window_size: int, width: int | None = None) -> torch.Tensor:
+    """Row-major positions in a ``height x width`` map (square ``height x height`` when
+    ``width`` is None) of the centre token of each cell of a ``g x g`` grid
+    (``g = sqrt(window_size)``) stretched over the map; along a dimension not larger than
+    ``g`` every position is its own cell (so a map not larger than the grid gives all of it)."""
     g = math.isqrt(window_size)
     if g * g != window_size:
         raise ValueError(f"window_size: must be a perfect square for the grid window, got {window_size}")
-    if side <= g:
-        return torch.arange(side * side)
-    bounds = [i * side // g for i in range(g + 1)]
-    centres = [(bounds[i] + bounds[i + 1] - 1) // 2 for i in range(g)]
-    return torch.tensor([r * side + c for r in centres for c in centres])
+    width = height if width is None else width
+    rows, cols = _cell_centres(height, g), _cell_centres(width, g)
+    return torch.tensor([r * width + c for r in rows for c in cols], dtype=torch.long)
 
 
-def last_window(side: int, window_size: int) -> torch.Tensor:
-    """The last ``window_size`` positions of the map in raster order (SnapKV's window)."""
-    n = side * side
+def last_window(height: int, window_size: int, width: int | None = None) -> torch.Tensor:
+    """The last ``window_size`` positions of the ``height x width`` map (square when ``width``
+    is None) in raster order (SnapKV's window)."""
+    n = height * (height if width is None else width)
     return torch.arange(max(0, n - window_size), n)
 
 
@@ -294,21 +323,23 @@ class WindowPolicy(SelectionPolicy):
         self.name, self.window = name, window
         self.window_size, self.pool_kernel, self.pooling = window_size, pool_kernel, pooling
         self.score_queries, self.score = score_queries, score
-        self._windows: dict[int, torch.Tensor] = {}
+        self._windows: dict[tuple[int, int], torch.Tensor] = {}
 
-    def window_positions(self, side: int) -> torch.Tensor:
-        """Window positions within the current map (cached per map side)."""
-        if side not in self._windows:
+    def window_positions(self, height: int, width: int | None = None) -> torch.Tensor:
+        """Window positions within the current ``height x width`` map (square when ``width`` is
+        None; cached per map shape)."""
+        key = (height, height if width is None else width)
+        if key not in self._windows:
             fn = grid_window if self.window == "grid" else last_window
-            self._windows[side] = fn(side, self.window_size)
-        return self._windows[side]
+            self._windows[key] = fn(key[0], self.window_size, key[1])
+        return self._windows[key]
 
     def select(self, ctx: SelectionContext, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if self.score_queries == "all":
             scores = all_query_scores(q, keys, ctx.softmax_scale, self.score)
             scores = pool_scores(scores, self.pool_kernel, self.pooling)
             return topk_keep(scores, torch.zeros(0, dtype=torch.long), ctx.capacity)
-        win = self.window_positions(ctx.side).to(q.device)
+        win = self.window_positions(ctx.height, ctx.width).to(q.device)
         scores = window_scores(q[:, :, win], keys, ctx.softmax_scale, self.score)
         forced = win + ctx.hist_len
         scores[..., forced] = 0.0  # the window is kept anyway: do not let it inflate its neighbours

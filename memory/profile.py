@@ -158,7 +158,7 @@ class ScaleProfile:
     # ----- (de)serialisation -----------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["patch_nums"] = list(self.patch_nums)
+        d["patch_nums"] = [p if isinstance(p, int) else list(p) for p in self.patch_nums]
         d["drafters"] = {str(si): list(layers) for si, layers in enumerate(self.drafters)}
         for name in ("asi", "zscore", "current_mass", "history_topk"):
             d[name] = [[round(float(x), 8) for x in row] for row in getattr(self, name)]
@@ -176,7 +176,7 @@ class ScaleProfile:
             version = int(d.get("version", 0))
             if version not in _VERSIONS:
                 raise ValueError(f"version: expected one of {list(_VERSIONS)}, got {version}")
-            patch_nums = tuple(int(p) for p in d["patch_nums"])
+            patch_nums = _schedule(d["patch_nums"])
             raw = d["drafters"]
             if isinstance(raw, dict):
                 drafters = tuple(tuple(int(x) for x in raw.get(str(si), [])) for si in range(len(patch_nums)))
@@ -233,6 +233,19 @@ class ScaleProfile:
 
 
 DRAFTER_MODES = ("calibrated", "sticky", "fixed")
+
+
+def _schedule(raw) -> tuple:
+    """A stored scale schedule: sides (VAR, square maps) or ``[h, w]`` pairs (Infinity)."""
+    out = []
+    for p in raw:
+        if isinstance(p, (list, tuple)):
+            if len(p) != 2:
+                raise ValueError(f"patch_nums: expected a side or an [h, w] pair, got {p!r}")
+            out.append((int(p[0]), int(p[1])))
+        else:
+            out.append(int(p))
+    return tuple(out)
 
 
 def normalize_drafters(profile: ScaleProfile, mode: str, scales: Sequence[int],

@@ -16,8 +16,6 @@ from pathlib import Path
 from engine.config import EngineConfig
 from engine.models.catalog import INFINITY_MODELS, get_infinity_spec, get_spec
 
-INFINITY_POLICIES = ("full",)  # the compressing selection policies score square maps; Infinity's are h x w
-
 CACHE_SIZE = 256
 
 
@@ -51,7 +49,7 @@ class DemandCalculator:
         Text-to-image models: the demand depends on the request's aspect ratio and resolution
         (its schedule), as in ``InfinityEngine.plan_for``."""
         if self.infinity:
-            return self._infinity_demand(policy, block_size, num_pages, h_div_w, resolution)
+            return self._infinity_demand(policy, kv_budget, block_size, num_pages, h_div_w, resolution)
         from memory.budgets import BudgetSettings, budget_plan
         from memory.policy_names import POLICIES, needs_profile
 
@@ -87,28 +85,46 @@ class DemandCalculator:
             self._cache.popitem(last=False)
         return out
 
-    def _infinity_demand(self, policy: str | None, block_size: int, num_pages: int, h_div_w: float | None,
-                         resolution: str | int | None) -> dict:
-        from memory.manager import full_plan
+    def _infinity_demand(self, policy: str | None, kv_budget: float | None, block_size: int, num_pages: int,
+                         h_div_w: float | None, resolution: str | int | None) -> dict:
+        """The plan ``InfinityEngine.plan_for`` reserves (the same function,
+        ``engine.infinity_plans.infinity_plan``), for the request's schedule."""
+        from engine.infinity_plans import infinity_plan
+        from memory.policy_names import POLICIES
 
-        policy = self.engine.policy if policy is None else policy
-        if policy not in INFINITY_POLICIES:
-            return {"error": f"policy: {policy!r} is not available for Infinity models, which serve "
-                             f"{', '.join(INFINITY_POLICIES)} only", "field": "policy"}
+        c = self.engine
+        policy = c.policy if policy is None else policy
+        kv_budget = c.kv_budget if kv_budget is None else kv_budget
+        if policy not in POLICIES:  # never cached: unknown names are unbounded
+            return {"error": f"policy: unknown policy {policy!r} (available: {', '.join(POLICIES)})", "field": "policy"}
         cfg = self.spec.model
         ratio = cfg.nearest_ratio(1.0 if h_div_w is None else h_div_w)
         try:
             n = cfg.num_scales_for(resolution)
         except ValueError as e:
             return {"error": f"resolution: {str(e).removeprefix('resolution: ')}", "field": "resolution"}
-        key = ("infinity", policy, ratio, n, block_size, num_pages)
+        key = ("infinity", policy, float(kv_budget), ratio, n, block_size, num_pages)
         hit = self._cache.get(key)
-        if hit is None:
-            pages = full_plan(cfg.scale_lengths(ratio, n), cfg.depth).peak_pages(block_size) * 2
-            hit = {"pages": int(pages), "policy": policy, "kv_budget": 1.0} if pages <= num_pages else \
-                {"error": f"resolution: request needs {pages} KV pages but the largest worker pool has {num_pages}",
-                 "field": "resolution"}
-            self._cache[key] = hit
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        try:
+            plan = infinity_plan(self.spec.name, cfg, policy, kv_budget, ratio, n, c)
+            pages = plan.peak_pages(block_size) * 2
+        except ValueError as e:
+            msg = str(e)
+            head = msg.split(":", 1)[0]
+            field = head if head in ("policy", "kv_budget") else "policy"
+            hit = {"error": msg if msg.startswith(f"{field}:") else f"{field}: {msg}", "field": field}
+        else:
+            shown = 1.0 if policy == "full" else kv_budget
+            if pages <= num_pages:
+                hit = {"pages": int(pages), "policy": policy, "kv_budget": shown}
+            else:
+                what = "resolution" if policy == "full" else "kv_budget"
+                hit = {"error": f"{what}: request needs {pages} KV pages (policy {policy!r}) but the largest worker "
+                                f"pool has {num_pages}", "field": what}
+        self._cache[key] = hit
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
         return hit

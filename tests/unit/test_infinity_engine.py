@@ -133,7 +133,7 @@ def test_exact_reservation_queues_what_does_not_fit(loaded, t5_dir):
 @pytest.mark.parametrize("kw, field, words", [
     (dict(class_label=3), "class_label", "text-to-image"),
     (dict(prompt="a dog", resolution="2M"), "resolution", "unknown resolution"),
-    (dict(prompt="a dog", policy="scalekv", kv_budget=0.1), "policy", "square token maps"),
+    (dict(prompt="a dog", policy="scalekv", kv_budget=0.1), "policy", "profile_path"),
     (dict(prompt="a dog", policy="nope"), "policy", "unknown policy"),
 ])
 def test_bad_requests_are_answered_with_the_field(loaded, t5_dir, kw, field, words):
