@@ -1,7 +1,8 @@
 """The ``scalekv`` command line: one module per group of commands, flags shared in ``args.py``.
 
 - ``local.py``: ``generate`` (in-process engine), ``models``
-- ``cluster.py``: ``cluster start|stop``, ``submit``, ``status``
+- ``cluster.py``: ``submit``, ``wait``, ``jobs``, ``cancel``, ``status`` and the ``cluster`` parsers;
+  ``lifecycle.py``: ``cluster start|stop``
 - ``model.py``: ``train``, ``eval``, ``calibrate``
 - ``bench.py``: ``bench fidelity``, ``bench load``
 - ``plan.py``: ``plan`` (capacity planner); ``profile.py``: ``profile import`` (released ScaleKV budgets)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 from engine.config import DTYPES, EngineConfig, parse_bytes
@@ -119,3 +120,10 @@ def policy_list(text: str) -> list[str]:
     if bad:
         raise argparse.ArgumentTypeError(f"unknown policies {bad} (available: {', '.join(POLICIES)})")
     return names
+
+
+
+def fail(msg: str) -> int:
+    """Print a CLI error and return exit code 2 (bad input, or no cluster to act on)."""
+    print(f"scalekv: error: {msg}", file=sys.stderr)
+    return 2
