@@ -68,7 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_train)
 
     c = shared.add_parser(sub, "calibrate", "measure drafter/refiner layers and write a scale profile (ScaleKV)")
-    shared.add_model_args(c)
+    shared.add_model_args(c, infinity=True)
+    i = c.add_argument_group("text-to-image models (Infinity): one profile per schedule (aspect ratio x resolution)")
+    i.add_argument("--prompt", dest="prompts", action="append", default=None,
+                   help="a calibration prompt (repeatable; required for Infinity models)")
+    i.add_argument("--text-encoder", default=None, help="local directory of the prompt encoder (nothing downloads)")
+    i.add_argument("--aspect-ratio", default=None, help="aspect ratio as WIDTH:HEIGHT, e.g. 16:9 (default 1:1)")
+    i.add_argument("--resolution", default=None, help="named resolution, e.g. 0.06M (default: the model's)")
     c.add_argument("--num-requests", type=int, default=10, help="calibration requests")
     c.add_argument("--num-drafters", type=int, default=None,
                    help="(layer, scale) pairs marked as drafters over all scales (default: scales - 1)")
@@ -169,9 +175,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     shared.set_threads(args.threads)
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
-    prof, seconds = timed_calibrate(model, num_requests=args.num_requests, seed=args.seed,
-                                    num_queries=args.num_queries, topk_ratio=args.topk_ratio,
-                                    num_drafters=args.num_drafters)
+    if hasattr(model, "tokenizer"):  # Infinity: prompts and one schedule
+        import time
+
+        from engine.calibrate import calibrate_infinity
+        from engine.request import parse_aspect_ratio
+        from engine.text import TextEncoder
+
+        if not args.prompts:
+            raise ValueError(f"--prompt: model {args.model!r} is text-to-image: give at least one --prompt TEXT")
+        if not args.text_encoder:
+            raise ValueError("--text-encoder: Infinity models need the local prompt encoder directory")
+        texts = TextEncoder(args.text_encoder).encode(args.prompts)
+        t0 = time.perf_counter()
+        prof = calibrate_infinity(model, texts, parse_aspect_ratio(args.aspect_ratio) if args.aspect_ratio else 1.0,
+                                  args.resolution, seed=args.seed, num_queries=args.num_queries,
+                                  topk_ratio=args.topk_ratio, num_drafters=args.num_drafters)
+        seconds = time.perf_counter() - t0
+    else:
+        prof, seconds = timed_calibrate(model, num_requests=args.num_requests, seed=args.seed,
+                                        num_queries=args.num_queries, topk_ratio=args.topk_ratio,
+                                        num_drafters=args.num_drafters)
     prof.save(args.out)
     drafters = {str(si): list(d) for si, d in enumerate(prof.drafters) if d}
     summary = {"model": prof.model, "out": args.out, "seconds": round(seconds, 2), "drafters_per_scale": drafters}

@@ -190,3 +190,27 @@ def test_windows_on_h_by_w_maps():
     assert (sq.height, sq.width, sq.side) == (4, 4, 4)
     with pytest.raises(ValueError, match="disagrees"):
         SelectionContext(layer=0, scale=1, side=4, height=6, width=3)
+
+
+def test_calibrate_cli_on_infinity_with_prompts(tmp_path, capsys):
+    """``scalekv calibrate`` works on Infinity models: prompts through the local encoder, one
+    schedule, a profile that scalekv then serves that schedule with."""
+    import json
+
+    from engine.models.catalog import get_infinity_spec
+    from memory.profile import ScaleProfile
+    from scalekv.cli import main
+    from tests.tiny_t5 import write_tiny_t5
+
+    spec = get_infinity_spec("infinity-micro")
+    enc = write_tiny_t5(tmp_path / "t5", d_model=spec.model.text_channels)
+    out = tmp_path / "prof.json"
+    assert main(["calibrate", "--model", "infinity-micro", "--random-init", "--prompt", "a red ring", "--prompt",
+                 "a blue cross", "--text-encoder", str(enc), "--aspect-ratio", "1:2", "--num-queries", "8",
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    prof = ScaleProfile.load(out)
+    assert summary["model"] == "infinity-micro" and prof.model == "infinity-micro"
+    assert any(tuple(p) != (p[0], p[0]) for p in prof.patch_nums if not isinstance(p, int))  # a 2:1 schedule
+    assert main(["calibrate", "--model", "infinity-micro", "--random-init", "--out", str(out)]) == 2
+    assert "--prompt" in capsys.readouterr().err
