@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memory.attention import gather_kv, paged_attention
+from memory.attention import paged_attention
 from memory.manager import KVPlan, MemoryManager
-from memory.policies import SelectionContext, SelectionPolicy
+from memory.policies import SelectionPolicy
 from memory.pool import KVPool
 
+from .kv_writeback import KVWriteBack
 from .models.bsq import NextScaleState
 from .models.infinity import InfinityCondition
 from .models.registry import LoadedInfinity
@@ -129,7 +130,7 @@ def _rows_condition(pooled: torch.Tensor) -> InfinityCondition:
     return InfinityCondition(pooled, pooled.new_zeros((pooled.shape[0], 1, 6, 0)), [], [], empty)
 
 
-class InfinityRunner:
+class InfinityRunner(KVWriteBack):
     def __init__(self, model: LoadedInfinity, pool: KVPool, manager: MemoryManager, dtype: str = "float32",
                  attention_backend: str = "torch") -> None:
         self.loaded = model
@@ -201,93 +202,10 @@ class InfinityRunner:
             outs.append(out.transpose(0, 1).reshape(h, g.num_tokens, d))
         return torch.cat(outs, dim=1).unsqueeze(0)
 
-    def _write_back(self, layer: int, g: _Group, k: torch.Tensor, v: torch.Tensor, hist: list[int],
-                    q: torch.Tensor | None = None) -> None:
-        """Keep this layer's tokens for later scales (the group's current q/k/v [S, H, Lq, D]).
-        Where the plan keeps history + current the current tokens are appended; where it keeps
-        fewer, the request's policy chooses them on the (h, w) map of this scale; after a
-        request's last scale its layer keeps nothing and its pages go back."""
-        n = len(g.states)
-        append: list[int] = []
-        buckets: dict[tuple[int, int, int], list[int]] = {}
-        for i, seq in enumerate(g.seqs):
-            state = g.states[i % n]
-            keep, held = state.plan.kept[g.scale][layer], hist[i] + g.length
-            if keep == 0:
-                self.manager.set_tokens(seq, layer, 0)
-                continue
-            if keep > held:
-                raise ValueError(f"plan {state.plan.name!r} keeps {keep} tokens at scale {g.scale} layer {layer}, "
-                                 f"the layer holds only {held}")
-            policy = state.policy
-            if keep == held and (policy is None or not policy.observes_every_step):
-                append.append(i)
-                continue
-            if policy is None:
-                raise ValueError(f"plan {state.plan.name!r} keeps {keep} tokens at scale {g.scale} layer {layer} "
-                                 "but no compression policy is attached to choose them")
-            buckets.setdefault((id(policy), keep, hist[i]), []).append(i)
-        if append:
-            idx = torch.tensor(append, device=k.device)
-            self._store(layer, [g.seqs[i] for i in append], [hist[i] for i in append],
-                        k[idx].transpose(1, 2), v[idx].transpose(1, 2))
-        for (_pid, keep, h), rows in buckets.items():
-            self._compress(layer, g, g.states[rows[0] % n].policy, rows, keep, h, q, k, v)
-
-    def _store(self, layer: int, seqs: list[int], starts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write ``k``, ``v`` ``[S, T, H, D]`` of each sequence at its slots ``start .. start + T``
-        (growing its pages first), then record ``start + T`` kept tokens (surplus pages return)."""
-        t, bs = k.shape[1], self.pool.block_size
-        page_rows, slot_rows = [], []
-        for seq, start in zip(seqs, starts):
-            pages = self.manager.ensure_capacity(seq, layer, start + t)
-            slots = torch.arange(start, start + t)
-            page_rows.append(torch.tensor(pages, dtype=torch.long)[slots // bs])
-            slot_rows.append(slots % bs)
-        kv = self.pool.kv
-        page_idx = torch.cat(page_rows).to(kv.device)
-        offsets = torch.cat(slot_rows).to(kv.device)
-        kind = torch.zeros_like(offsets)
-        hh, dd = k.shape[2], k.shape[3]
-        kv.index_put_((page_idx, kind, offsets), k.reshape(-1, hh, dd).to(device=kv.device, dtype=kv.dtype))
-        kv.index_put_((page_idx, kind + 1, offsets), v.reshape(-1, hh, dd).to(device=kv.device, dtype=kv.dtype))
-        for seq, start in zip(seqs, starts):
-            self.manager.set_tokens(seq, layer, start + t)
-
-    def _compress(self, layer: int, g: _Group, policy: SelectionPolicy, rows: list[int], keep: int, hist: int,
-                  q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Select ``keep`` of (history + current) tokens for the sequences ``rows`` of the group
-        (the policy sees the map's (h, w)) and rewrite their pages with them from slot 0."""
-        if q is None:
-            raise ValueError("compression needs the layer's queries (q)")
-        seqs = [g.seqs[i] for i in rows]
-        idx = torch.tensor(rows, device=k.device)
-        qc, kc, vc = q[idx], k[idx], v[idx]
-        if hist > 0:
-            table = self.manager.table.block_table_tensor(seqs, layer, device=self.pool.device)[0]
-            kh, vh, _ = gather_kv(self.pool, table, [hist] * len(seqs))  # a copy: rewriting pages is safe
-            keys = torch.cat([kh.to(device=kc.device, dtype=kc.dtype), kc], dim=2)
-            values = torch.cat([vh.to(device=vc.device, dtype=vc.dtype), vc], dim=2)
-        else:
-            keys, values = kc, vc
-        h_map, w_map = g.hw
-        ctx = SelectionContext(layer=layer, scale=g.scale, height=h_map, width=w_map, hist_len=hist, capacity=keep,
-                               softmax_scale=float(self.softmax_scales[layer]), seqs=tuple(seqs))
-        chosen = policy.select(ctx, qc, keys)
-        if chosen is None:  # an observing policy that evicts nothing at this scale
-            if keep != keys.shape[2]:
-                raise ValueError(f"policy {policy.name!r} kept everything but the plan keeps {keep} of "
-                                 f"{keys.shape[2]} tokens")
-            self._store(layer, seqs, [hist] * len(seqs), kc.transpose(1, 2), vc.transpose(1, 2))
-            return
-        s, h, _n, d = keys.shape
-        if tuple(chosen.shape) != (s, h, keep):
-            raise ValueError(f"policy {policy.name!r} returned indices {tuple(chosen.shape)}, expected {(s, h, keep)}")
-        gidx = chosen.to(keys.device).unsqueeze(-1).expand(s, h, keep, d)
-        self._store(layer, seqs, [0] * len(seqs), keys.gather(2, gidx).transpose(1, 2),
-                    values.gather(2, gidx).transpose(1, 2))
-
     # ----- one step ---------------------------------------------------------------------------
+    def _map_shape(self, g: _Group) -> tuple[int, int]:
+        return g.hw
+
     @torch.no_grad()
     def step(self, states: list[InfinityRequestState]) -> list[torch.Tensor]:
         """Run the next scale of every request in ``states``; returns each request's sampled
