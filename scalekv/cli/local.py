@@ -66,7 +66,6 @@ def write_results(results, out: Path, echo_json: bool) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from engine.api import EngineConfig, ImageEngine
     from engine.models.catalog import INFINITY_MODELS, get_spec
@@ -95,28 +94,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = EngineConfig.from_args(args)  # bad knobs fail here, before the model loads
     shared.set_threads(args.threads)
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
-    out = Path(args.out)
+    if args.reference:
+        resolved = [r.resolved(spec.default_cfg, spec.default_top_k, spec.default_top_p) for r in requests]
+        chunks = (resolved[i : i + args.batch_size] for i in range(0, len(resolved), args.batch_size))
+        results = (r for chunk in chunks for r in generate_reference(model, chunk, dtype=config.dtype))
+    else:
+        results = ImageEngine(model, config).generate_stream(requests)
+    return _write_all(results, len(requests), Path(args.out), args.json)
+
+
+def _write_all(results, total: int, out: Path, as_json: bool) -> int:
+    """Write results as they come (PNGs + ``results.jsonl``) under a per-image progress bar;
+    exit code 1 if any request failed."""
+    from tqdm import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.jsonl").write_text("")
     t0 = time.perf_counter()
     failed = 0
-    bar = tqdm(total=len(requests), desc="generate", unit="img", disable=args.json)
-    if args.reference:
-        resolved = [r.resolved(spec.default_cfg, spec.default_top_k, spec.default_top_p) for r in requests]
-        for i in range(0, len(resolved), args.batch_size):
-            chunk = resolved[i : i + args.batch_size]
-            failed += write_results(generate_reference(model, chunk, dtype=config.dtype), out, args.json)
-            bar.update(len(chunk))
-    else:
-        engine = ImageEngine(model, config)
-        for result in engine.generate_stream(requests):
-            failed += write_results([result], out, args.json)
-            bar.update(1)
+    bar = tqdm(total=total, desc="generate", unit="img", disable=as_json)
+    for result in results:
+        failed += write_results([result], out, as_json)
+        bar.update(1)
     bar.close()
     dt = time.perf_counter() - t0
-    if not args.json:
-        print(f"{len(requests) - failed} image(s) in {dt:.2f}s ({len(requests) / dt:.2f} img/s) -> {out}/",
-              file=sys.stderr)
+    if not as_json:
+        print(f"{total - failed} image(s) in {dt:.2f}s ({total / dt:.2f} img/s) -> {out}/", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -124,7 +127,6 @@ def _generate_infinity(args: argparse.Namespace) -> int:
     """``generate`` for a text-to-image model: one request per prompt and seed, through the
     Infinity engine (``make_engine``)."""
     from pydantic import ValidationError
-    from tqdm import tqdm
 
     from engine.api import EngineConfig, make_engine
     from engine.models.registry import build_model
@@ -154,22 +156,7 @@ def _generate_infinity(args: argparse.Namespace) -> int:
                          "directory (a saved T5EncoderModel + tokenizer); nothing is downloaded")
     shared.set_threads(args.threads)
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.jsonl").write_text("")
-    t0 = time.perf_counter()
-    failed = 0
-    bar = tqdm(total=len(requests), desc="generate", unit="img", disable=args.json)
-    engine = make_engine(model, config)
-    for result in engine.generate_stream(requests):
-        failed += write_results([result], out, args.json)
-        bar.update(1)
-    bar.close()
-    dt = time.perf_counter() - t0
-    if not args.json:
-        print(f"{len(requests) - failed} image(s) in {dt:.2f}s ({len(requests) / dt:.2f} img/s) -> {out}/",
-              file=sys.stderr)
-    return 1 if failed else 0
+    return _write_all(make_engine(model, config).generate_stream(requests), len(requests), Path(args.out), args.json)
 
 
 def _print_classes(spec, as_json: bool) -> int:
