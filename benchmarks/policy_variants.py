@@ -7,10 +7,8 @@ with a 95% t interval, how many seeds the variant wins, and the peak KV bytes pe
 relative to ``full`` (pool pages at the peak plus the current scale's scratch, as the engine
 reports it).
 
-A variant is a named policy plus overrides of the budget knobs (``BudgetSettings``:
-``drafter_mode``, ``num_drafters``, ...) and of the selection knobs (``make_policy``:
-``score_queries``, ``score``, ``pool_kernel``, ...), so knobs that have no engine setting yet
-can be compared. Run from the repository root:
+A variant is a named policy plus ``EngineConfig`` overrides of its budget knobs (``drafter_mode``,
+``num_drafters``) and selection knobs (``score_queries``, ``score``, ``pool_kernel``). Run from the repository root:
 
     python -m benchmarks.policy_variants --model var-tiny --budget 0.1 --num 48 --threads 1 \\
         --json out/policy_variants.json
@@ -30,20 +28,18 @@ import torch
 
 from engine.api import EngineConfig, ImageEngine
 from engine.models.registry import LoadedModel, build_model
-from memory.budgets import BudgetSettings, budget_plan
-from memory.manager import KVPlan
-from memory.policies import SelectionPolicy, make_policy, needs_profile
 
 from .common import machine, today
 from .fidelity import make_requests, psnr
+from .stats import paired_delta
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
     policy: str
-    budget: dict = field(default_factory=dict)  # BudgetSettings overrides
-    select: dict = field(default_factory=dict)  # make_policy overrides
+    budget: dict = field(default_factory=dict)  # EngineConfig budget knobs (drafter_mode, num_drafters)
+    select: dict = field(default_factory=dict)  # EngineConfig selection knobs (score_queries, score, pool_kernel)
 
 
 VARIANTS: dict[str, Variant] = {v.label: v for v in [
@@ -61,37 +57,9 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
 ]}
 
 
-class VariantEngine(ImageEngine):
-    """An ``ImageEngine`` whose plans and policies take a variant's overrides."""
-
-    def __init__(self, model: LoadedModel, config: EngineConfig, variant: Variant) -> None:
-        super().__init__(model, config)
-        self.variant = variant
-
-    def budget_settings(self, kv_budget: float) -> BudgetSettings:
-        return replace(super().budget_settings(kv_budget), **self.variant.budget)
-
-    def plan_for(self, policy: str, kv_budget: float) -> KVPlan:
-        key = (policy, float(kv_budget))
-        if key not in self._plans:
-            var = self.model.spec.var
-            profile = self.scale_profile() if needs_profile(policy) else None
-            self._plans[key] = budget_plan(policy, var.patch_nums, var.depth, self.budget_settings(kv_budget),
-                                           profile)
-        return self._plans[key]
-
-    def policy_for(self, policy: str) -> SelectionPolicy:
-        if policy not in self._policies:
-            c = self.config
-            # pool_kernel None: the named policy's default (EngineConfig always passes one)
-            kw = {"window_size": c.window_size, "pool_kernel": None, "pooling": c.pooling, **self.variant.select}
-            self._policies[policy] = make_policy(policy, **kw)
-        return self._policies[policy]
-
-
 def _run(model, requests, variant: Variant, kv_budget: float, base: EngineConfig) -> dict:
-    cfg = replace(base, policy=variant.policy, kv_budget=kv_budget)
-    eng = VariantEngine(model, cfg, variant)
+    cfg = replace(base, policy=variant.policy, kv_budget=kv_budget, **variant.budget, **variant.select)
+    eng = ImageEngine(model, cfg)
     plan = eng.plan_for(variant.policy, kv_budget)
     t0 = time.perf_counter()
     results = eng.generate(requests)
@@ -101,18 +69,6 @@ def _run(model, requests, variant: Variant, kv_budget: float, base: EngineConfig
         raise RuntimeError(f"{variant.label}: request {bad[0].request_id} failed: {bad[0].error}")
     return {"results": results, "seconds": seconds, "plan": plan,
             "kv_peak": float(np.mean([r.kv_peak_bytes for r in results]))}
-
-
-def paired_interval(diff: np.ndarray) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% t interval."""
-    from scipy import stats
-
-    n = len(diff)
-    mean = float(diff.mean())
-    if n < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n))
-    return mean, mean - half, mean + half
 
 
 def run_variants(model: LoadedModel, labels: list[str], kv_budget: float, num: int, seed: int,
@@ -137,8 +93,9 @@ def run_variants(model: LoadedModel, labels: list[str], kv_budget: float, num: i
                "seconds": round(r["seconds"], 2), "drafters": r["drafters"], "kept": r["kept"]}
         if ref is not None:
             d = r["per_seed"] - ref
-            mean, lo, hi = paired_interval(d)
-            rec.update(diff=mean, diff_lo=lo, diff_hi=hi, wins=int((d > 0).sum()), losses=int((d < 0).sum()))
+            ci = paired_delta(r["per_seed"], ref)
+            rec.update(diff=ci.mean, diff_lo=ci.low, diff_hi=ci.high, wins=int((d > 0).sum()),
+                       losses=int((d < 0).sum()))
         out.append(rec)
     return {"model": model.spec.name, "kv_budget": kv_budget, "num": num, "seed": seed, "baseline": baseline,
             "config": base.to_dict(), "machine": machine(), "date": today(), "results": out}

@@ -289,30 +289,28 @@ class ImageEngine:
 
     def _finish(self, done: list[RequestState]) -> None:
         images = image_to_uint8(self.runner.decode(done))
-        now = time.perf_counter()
         for i, st in enumerate(done):
-            self.running.remove(st)
-            acct = self._release(st)
-            req = st.request
-            self._finished.append(ImageResult(
-                request_id=req.request_id,
-                class_label=req.class_label,
-                seed=req.seed,
-                job_id=req.job_id,
-                tokens=torch.cat(st.tokens).tolist(),
-                image=images[i].numpy(),
-                kv_peak_bytes=acct.get("kv_peak_bytes", 0),
-                seconds=now - st.t_arrival,
-                stats={
-                    "queue_seconds": round(st.t_admitted - st.t_arrival, 6),
-                    "first_scale_seconds": round(st.t_first_scale - st.t_arrival, 6),
-                    "pages_reserved": acct.get("pages_reserved", 0),
-                    "pages_peak": acct.get("pages_peak", 0),
-                    "tokens_peak": acct.get("tokens_peak", 0),
-                    "policy": st.plan.name,
-                    "kv_budget": self.config.kv_budget if req.kv_budget is None else req.kv_budget,
-                },
-            ))
+            self._finished.append(self._result_of(st, torch.cat(st.tokens).tolist(), images[i].numpy()))
+
+    def _result_of(self, st: RequestState, tokens: list[int], image, **fields) -> ImageResult:
+        """A finished request's result: releases its pages (their accounting goes into the
+        result); ``fields`` adds result fields, ``fields["stats"]`` more stats."""
+        self.running.remove(st)
+        acct = self._release(st)
+        req, now = st.request, time.perf_counter()
+        stats = {
+            "queue_seconds": round(st.t_admitted - st.t_arrival, 6),
+            "first_scale_seconds": round(st.t_first_scale - st.t_arrival, 6),
+            "pages_reserved": acct.get("pages_reserved", 0),
+            "pages_peak": acct.get("pages_peak", 0),
+            "tokens_peak": acct.get("tokens_peak", 0),
+            "policy": st.plan.name,
+            "kv_budget": self.config.kv_budget if req.kv_budget is None else req.kv_budget,
+            **fields.pop("stats", {}),
+        }
+        return ImageResult(request_id=req.request_id, class_label=req.class_label, seed=req.seed, job_id=req.job_id,
+                           tokens=tokens, image=image, kv_peak_bytes=acct.get("kv_peak_bytes", 0),
+                           seconds=now - st.t_arrival, stats=stats, **fields)
 
     def _preview(self, states: list[RequestState]) -> None:
         """Decode the accumulated feature maps of ``states`` (one batched decoder pass): an

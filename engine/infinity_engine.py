@@ -35,7 +35,7 @@ from .infinity_plans import infinity_plan
 from .infinity_runner import InfinityRequestState, InfinityRunner, pack_bits
 from .models.registry import LoadedInfinity
 from .precision import resolve_dtype
-from .request import ImageRequest, ImageResult, field_errors
+from .request import ImageRequest, field_errors
 from .sampling import make_generator
 
 INFINITY_POLICIES = POLICIES  # every policy; scalekv needs a profile of the request's schedule
@@ -209,40 +209,13 @@ class InfinityEngine(ImageEngine):
 
     def _finish(self, done: list[InfinityRequestState]) -> None:
         images = self.runner.decode(done)
-        now = time.perf_counter()
-        width = self.model.spec.model.width
+        spec = self.model.spec
         for i, st in enumerate(done):
-            cond_bytes = st.cond_bytes
-            self.running.remove(st)
-            acct = self._release(st)
-            # the step's current K/V of the last scale (both branches) live only in scratch
-            scratch = 2 * st.lengths[-1] * 2 * width * self.pool.kv.element_size()
             req = st.request
             tokens = torch.cat([pack_bits(t) for t in st.tokens]).tolist()
-            self._finished.append(ImageResult(
-                request_id=req.request_id,
-                class_label=None,
-                prompt=req.prompt,
-                seed=req.seed,
-                job_id=req.job_id,
-                tokens=tokens,
-                image=images[i].numpy(),
-                kv_peak_bytes=acct.get("kv_peak_bytes", 0) + scratch,
-                seconds=now - st.t_arrival,
-                stats={
-                    "queue_seconds": round(st.t_admitted - st.t_arrival, 6),
-                    "first_scale_seconds": round(st.t_first_scale - st.t_arrival, 6),
-                    "pages_reserved": acct.get("pages_reserved", 0),
-                    "pages_peak": acct.get("pages_peak", 0),
-                    "tokens_peak": acct.get("tokens_peak", 0),
-                    "policy": st.plan.name,
-                    "kv_budget": self.config.kv_budget if req.kv_budget is None else req.kv_budget,
-                    "h_div_w": st.h_div_w,
-                    "resolution": req.resolution,
-                    "schedule": [list(hw) for hw in st.schedule],
-                    "image_size": list(self.model.spec.image_size(st.h_div_w, req.resolution)),
-                    "token_bits": self.model.spec.model.token_bits,
-                    "text_tokens": int(st.text.shape[0]),
-                    "text_condition_bytes": cond_bytes,
-                },
-            ))
+            extra = {"h_div_w": st.h_div_w, "resolution": req.resolution,
+                     "schedule": [list(hw) for hw in st.schedule],
+                     "image_size": list(spec.image_size(st.h_div_w, req.resolution)),
+                     "token_bits": spec.model.token_bits, "text_tokens": int(st.text.shape[0]),
+                     "text_condition_bytes": st.cond_bytes}  # before release drops the condition
+            self._finished.append(self._result_of(st, tokens, images[i].numpy(), prompt=req.prompt, stats=extra))

@@ -11,6 +11,7 @@ from slot 0 with them; surplus pages go straight back to the pool. ``KVWriteBack
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -19,9 +20,10 @@ from memory.attention import gather_kv
 from memory.policies import SelectionContext, SelectionPolicy
 
 
-class KVWriteBack:
+class KVWriteBack(ABC):
+    @abstractmethod
     def _map_shape(self, g: Any) -> tuple[int, int]:
-        raise NotImplementedError
+        """The (height, width) token map of the group's current scale."""
 
     def _history_table(self, g: Any, layer: int, rows: list[int], seqs: list[int]) -> torch.Tensor:
         """Block table ``[S, pages]`` of the sequences' pages of this layer."""

@@ -142,13 +142,20 @@ def build_model(
         load_into(var, checkpoint)
     if tokenizer is not None:
         load_into(vae, tokenizer)
-    source = "random-init" if checkpoint is None and tokenizer is None else \
-        f"{_portable(checkpoint)} + {_portable(tokenizer)}"
-    var.eval().to(device)
-    vae.eval().to(device)
-    for p in list(var.parameters()) + list(vae.parameters()):
-        p.requires_grad_(False)
+    source = _inference_ready(var, vae, checkpoint, tokenizer, device)
     return LoadedModel(spec=spec, var=var, vae=vae, source=source)
+
+
+def _inference_ready(transformer: torch.nn.Module, tokenizer_module: torch.nn.Module, checkpoint, tokenizer,
+                     device) -> str:
+    """Eval mode on ``device``, frozen; returns where the weights came from (for reports)."""
+    for m in (transformer, tokenizer_module):
+        m.eval().to(device)
+        for p in m.parameters():
+            p.requires_grad_(False)
+    if checkpoint is None and tokenizer is None:
+        return "random-init"
+    return f"{_portable(checkpoint)} + {_portable(tokenizer)}"
 
 
 def _portable(path: str | Path | None) -> str:
@@ -214,10 +221,5 @@ def build_infinity(
         load_infinity_state_dict(model, load_checkpoint_tree(checkpoint))
     if tokenizer is not None:
         load_bsq_state_dict(tok, load_checkpoint_tree(tokenizer))
-    source = "random-init" if checkpoint is None and tokenizer is None else \
-        f"{_portable(checkpoint)} + {_portable(tokenizer)}"
-    model.eval().to(device)
-    tok.eval().to(device)
-    for p in list(model.parameters()) + list(tok.parameters()):
-        p.requires_grad_(False)
+    source = _inference_ready(model, tok, checkpoint, tokenizer, device)
     return LoadedInfinity(spec=spec, model=model, tokenizer=tok, source=source)

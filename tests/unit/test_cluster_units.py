@@ -182,13 +182,15 @@ def test_worker_keeps_results_until_acknowledged_and_cancel_returns_pages(worker
     assert worker.poll(0.1, ack=again["last"])["results"] == []
     assert worker.hello()["held_keys"] == []
     keys = [f"job/q{i}" for i in range(50, 80)]
-    worker.submit([_wire(i) for i in range(50, 80)], worker.incarnation)
-    deadline = time.monotonic() + 30
-    while worker.stats()["engine"]["num_requests_running"] == 0:  # admitted: pages reserved
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    worker.pause()
+    worker.pause()  # the paused loop moves the requests into the engine but never steps it
     try:
+        worker.submit([_wire(i) for i in range(50, 80)], worker.incarnation)
+        deadline = time.monotonic() + 30
+        while worker.stats()["engine"]["num_requests_waiting"] < len(keys):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with worker._engine_lock:  # admit (reserve pages) without stepping: running requests to cancel
+            worker.engine._admit()
         held = worker.stats()["engine"]
         out = worker.cancel(keys)
     finally:

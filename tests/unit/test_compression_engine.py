@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from engine.api import EngineConfig, ImageEngine
-from engine.reference import ContiguousKVCache, run_scales
+from engine.reference import run_scales
 from engine.request import ImageRequest
 from memory.budgets import compressed_scales
-from memory.policies import POLICIES, SelectionContext, make_policy
+from memory.policies import POLICIES, make_policy
 from memory.profile import ScaleProfile
+from tests.dense_compressed import DenseCompressedCache
 
 COMPRESSING = [p for p in POLICIES if p != "full"]
 
@@ -46,33 +47,10 @@ def _tokens(results) -> dict[str, list[int]]:
     return {r.request_id: r.tokens for r in results}
 
 
-class _DenseCompressedCache(ContiguousKVCache):
-    """The reference contiguous cache, compressed after each layer's attention by the same
-    policy on dense tensors: what the paged engine must reproduce."""
-
-    def __init__(self, model, plan, policy) -> None:
-        super().__init__(model)
-        self.plan, self.policy, self.patch_nums = plan, policy, model.spec.var.patch_nums
-
-    def attend(self, layer, q, k, v):
-        hist = 0 if self.k[layer] is None else self.k[layer].shape[2]
-        out = super().attend(layer, q, k, v)
-        si, keys = self.scale_index, self.k[layer]
-        keep = self.plan.kept[si][layer]
-        if keep == 0:
-            self.k[layer] = self.v[layer] = None
-        elif keep < keys.shape[2] or self.policy.observes_every_step:
-            ctx = SelectionContext(layer=layer, scale=si, side=self.patch_nums[si], hist_len=hist, capacity=keep,
-                                   softmax_scale=self.softmax_scales[layer], seqs=tuple(range(keys.shape[0])))
-            idx = self.policy.select(ctx, q, keys)
-            if idx is not None:
-                gidx = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-                self.k[layer], self.v[layer] = keys.gather(2, gidx), self.v[layer].gather(2, gidx)
-        return out
-
-
 def _dense_generate(model, requests, plan, policy) -> dict[str, list[int]]:
-    toks, _f_hat, _cache = run_scales(model, requests, cache=_DenseCompressedCache(model, plan, policy))
+    cache = DenseCompressedCache([blk.attn.softmax_scale for blk in model.var.blocks], plan, policy,
+                                 [(p, p) for p in model.spec.var.patch_nums])
+    toks, _f_hat, _cache = run_scales(model, requests, cache=cache)
     flat = torch.cat(toks, dim=1)
     return {r.request_id: flat[i].tolist() for i, r in enumerate(requests)}
 

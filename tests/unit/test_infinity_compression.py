@@ -16,13 +16,13 @@ from engine.infinity_engine import InfinityEngine
 from engine.infinity_reference import TextImageRequest, run_infinity_scales
 from engine.infinity_runner import pack_bits
 from engine.models.registry import build_model
-from engine.reference import ContiguousKVCache
 from engine.request import ImageRequest
 from memory.budgets import compressed_scales
 from memory.policies import SelectionContext, make_policy
 from memory.profile import ScaleProfile
 from scheduler.demand import DemandCalculator
 from tests.conftest import perturb_
+from tests.dense_compressed import DenseCompressedCache
 
 RATIOS = (1.0, 2.0)  # grids 4x4 and 6x3 at the last scale
 
@@ -62,32 +62,6 @@ def _requests(ratios=RATIOS) -> list[ImageRequest]:
             for i, p in enumerate(PROMPTS)]
 
 
-class _DenseCompressedCache(ContiguousKVCache):
-    """The contiguous reference cache compressed after each layer's attention by the policy,
-    on the scale's h x w map."""
-
-    def __init__(self, loaded, plan, policy, schedule) -> None:
-        super().__init__(softmax_scales=loaded.softmax_scales)
-        self.plan, self.policy, self.schedule = plan, policy, schedule
-
-    def attend(self, layer, q, k, v):
-        hist = 0 if self.k[layer] is None else self.k[layer].shape[2]
-        out = super().attend(layer, q, k, v)
-        si, keys = self.scale_index, self.k[layer]
-        keep = self.plan.kept[si][layer]
-        if keep == 0:
-            self.k[layer] = self.v[layer] = None
-        elif keep < keys.shape[2] or self.policy.observes_every_step:
-            h, w = self.schedule[si]
-            ctx = SelectionContext(layer=layer, scale=si, height=h, width=w, hist_len=hist, capacity=keep,
-                                   softmax_scale=self.softmax_scales[layer], seqs=tuple(range(keys.shape[0])))
-            idx = self.policy.select(ctx, q, keys)
-            if idx is not None:
-                gidx = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-                self.k[layer], self.v[layer] = keys.gather(2, gidx), self.v[layer].gather(2, gidx)
-        return out
-
-
 def _dense_tokens(loaded, eng: InfinityEngine, reqs: list[ImageRequest], policy: str, budget: float) -> dict:
     enc, cfg = eng.text_encoder(), loaded.spec.model
     out = {}
@@ -97,7 +71,7 @@ def _dense_tokens(loaded, eng: InfinityEngine, reqs: list[ImageRequest], policy:
                                 request_id=r.request_id).resolved(loaded) for r in group]
         plan = eng.plan_for(policy, budget, ratio)
         kernel = getattr(eng.policy_for(policy), "pool_kernel", None)
-        cache = _DenseCompressedCache(loaded, plan, make_policy(policy, 4, kernel), cfg.schedule(ratio))
+        cache = DenseCompressedCache(loaded.softmax_scales, plan, make_policy(policy, 4, kernel), cfg.schedule(ratio))
         toks, _f, _c = run_infinity_scales(loaded, trs, cache=cache)
         for j, r in enumerate(group):
             out[r.request_id] = torch.cat([pack_bits(t[j]) for t in toks]).tolist()

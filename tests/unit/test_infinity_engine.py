@@ -114,6 +114,18 @@ def test_tokens_do_not_depend_on_the_batch(loaded, t5_dir):
     assert_pool_empty(small)
 
 
+def test_kv_peak_is_counted_per_step(loaded, t5_dir):
+    """The reported peak is pages held at once during a step plus that step's scratch: never the
+    pool's peak with the last scale's scratch added on top of it."""
+    eng = make_engine(loaded, config(t5_dir))
+    (res,) = eng.generate(requests()[:1])
+    heads, head_dim = eng.pool.kv.shape[-2:]
+    last = int(res.stats["schedule"][-1][0] * res.stats["schedule"][-1][1])
+    scratch = 2 * last * 2 * heads * head_dim * eng.pool.kv.element_size()
+    pool_peak = res.stats["pages_peak"] * eng.pool.page_bytes
+    assert pool_peak < res.kv_peak_bytes <= pool_peak + scratch
+
+
 def test_exact_reservation_queues_what_does_not_fit(loaded, t5_dir):
     # pages of one 1:1 request: 2 sequences x 2 layers x ceil((1+4+9)/4) = 16 pages at the 4th scale
     engine = make_engine(loaded, config(t5_dir))
