@@ -133,9 +133,7 @@ class ImageEngine:
         return self._profile
 
     def budget_settings(self, kv_budget: float) -> BudgetSettings:
-        c = self.config
-        return BudgetSettings(kv_budget=kv_budget, window_size=c.window_size, delta=c.budget_delta,
-                              align=c.block_size, drafter_mode=c.drafter_mode, num_drafters=c.num_drafters)
+        return self.config.budget_settings(kv_budget)
 
     def plan_for(self, policy: str, kv_budget: float) -> KVPlan:
         """Per-(scale, layer) token quotas of ``policy`` at ``kv_budget`` (cached)."""

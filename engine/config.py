@@ -62,6 +62,9 @@ class EngineConfig:
                                            "scale)")
     budget_delta: float | None = _knob(None, "scalekv: the refiner budget decays by this many tokens per "
                                              "compressed scale (default: drafters keep all)")
+    peak_limit: float | None = _knob(None, "scalekv: cap every step's KV peak (pages + scratch) at this fraction "
+                                           "of full's, e.g. 0.12, by trimming refiners of the scale before the "
+                                           "peak (default: the paper's plan, exactly layers x U kept)")
     text_encoder: str | None = _knob(None, "text-to-image models (Infinity): a local directory holding the "
                                            "prompt encoder (a saved T5EncoderModel + tokenizer, e.g. Flan-T5-XL); "
                                            "nothing is downloaded")
@@ -103,6 +106,10 @@ class EngineConfig:
             raise ValueError(f"num_drafters: must be >= 0, got {self.num_drafters}")
         if self.budget_delta is not None and self.budget_delta < 0:
             raise ValueError(f"budget_delta: must be >= 0, got {self.budget_delta}")
+        if isinstance(self.peak_limit, str):  # from the environment
+            self.peak_limit = None if self.peak_limit.lower() in ("", "none") else float(self.peak_limit)
+        if self.peak_limit is not None and not 0 < self.peak_limit <= 1:
+            raise ValueError(f"peak_limit: must be a fraction in (0, 1] of full's peak, got {self.peak_limit}")
 
     @classmethod
     def from_values(cls, values: dict[str, Any], environ: dict[str, str] | None = None) -> EngineConfig:
@@ -125,6 +132,15 @@ class EngineConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def budget_settings(self, kv_budget: float):
+        """The ``memory.budgets.BudgetSettings`` of this config at ``kv_budget``: the one mapping
+        from engine knobs to plan knobs (VAR and Infinity engines, the scheduler's page demand)."""
+        from memory.budgets import BudgetSettings
+
+        return BudgetSettings(kv_budget=kv_budget, window_size=self.window_size, delta=self.budget_delta,
+                              align=self.block_size, drafter_mode=self.drafter_mode,
+                              num_drafters=self.num_drafters, peak_limit=self.peak_limit)
 
 
 def _env_value(f: Any, text: str) -> Any:

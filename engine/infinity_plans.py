@@ -12,18 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memory.budgets import BudgetSettings, budget_plan
+from memory.budgets import budget_plan
 from memory.manager import KVPlan, full_plan
 from memory.policy_names import POLICIES, needs_profile
 from memory.profile import ScaleProfile
 
 from .config import EngineConfig
-
-
-def budget_settings(config: EngineConfig, kv_budget: float) -> BudgetSettings:
-    c = config
-    return BudgetSettings(kv_budget=kv_budget, window_size=c.window_size, delta=c.budget_delta,
-                          align=c.block_size, drafter_mode=c.drafter_mode, num_drafters=c.num_drafters)
 
 
 def infinity_profile(model_name: str, schedule: tuple[tuple[int, int], ...], depth: int,
@@ -57,7 +51,7 @@ def infinity_plan(model_name: str, model_cfg, policy: str, kv_budget: float, rat
     depth = model_cfg.depth
     if policy == "full":
         return full_plan([h * w for h, w in schedule], depth)
-    settings = budget_settings(config, kv_budget)
+    settings = config.budget_settings(kv_budget)
     profile = infinity_profile(model_name, schedule, depth, config) \
         if needs_profile(policy) and kv_budget < 1.0 else None
     return budget_plan(policy, schedule, depth, settings, profile)

@@ -68,6 +68,9 @@ class BudgetSettings:
     # policy's default, see memory.policies.POLICY_DEFAULTS): calibrated | sticky | fixed
     drafter_mode: str | None = None
     num_drafters: int | None = None  # drafter_mode "fixed": how many (None: mean per scale)
+    # scalekv: cap every step's KV peak (pages held at any moment + the step's scratch) at this
+    # fraction of full's; None: the paper's plan (exactly layers * U kept at every compressed scale)
+    peak_limit: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.kv_budget <= 1:
@@ -84,6 +87,8 @@ class BudgetSettings:
             raise ValueError(f"drafter_mode: expected one of {', '.join(DRAFTER_MODES)}, got {self.drafter_mode!r}")
         if self.num_drafters is not None and self.num_drafters < 0:
             raise ValueError(f"num_drafters: must be >= 0, got {self.num_drafters}")
+        if self.peak_limit is not None and not 0 < self.peak_limit <= 1:
+            raise ValueError(f"peak_limit: must be a fraction in (0, 1] of full's peak, got {self.peak_limit}")
 
 
 # ------------------------------------------------------------------------ schedule helpers
@@ -139,13 +144,8 @@ class LayerwisePlan(KVPlan):
 
     def step_pages(self, si: int, block_size: int) -> int:
         """Most pages one sequence holds at any moment while scale ``si`` runs."""
-        before = [-(-self.history(si, la) // block_size) for la in range(self.num_layers)]
-        after = [-(-self.kept[si][la] // block_size) for la in range(self.num_layers)]
-        peak = held = sum(before)
-        for la in range(self.num_layers):
-            peak = max(peak, held - before[la] + max(before[la], after[la]))
-            held += after[la] - before[la]
-        return max(peak, held)
+        history = [self.history(si, la) for la in range(self.num_layers)]
+        return step_peak(history, self.kept[si], block_size)[0]
 
     def peak_pages(self, block_size: int) -> int:
         return max(self.step_pages(si, block_size) for si in range(self.num_scales))
@@ -154,33 +154,106 @@ class LayerwisePlan(KVPlan):
         return self.peak_pages(1)
 
 
+def step_peak(before: Sequence[int], after: Sequence[int], block_size: int) -> tuple[int, int]:
+    """(most pages one sequence holds at once during a step, the moment): the runner rewrites
+    layer ``l``'s pages right after its attention, so while layer ``l`` runs, layers before it
+    hold their new kept set (``after``), layer ``l`` holds max(before, after) and the layers
+    after it still hold their history (``before``). The moment is the layer running at the
+    peak (-1: before the first layer, ``len(before)``: after the last)."""
+    b = [-(-x // block_size) for x in before]
+    a = [-(-x // block_size) for x in after]
+    peak, moment = sum(b), -1
+    held = peak
+    for la in range(len(b)):
+        at = held - b[la] + max(b[la], a[la])
+        if at > peak:
+            peak, moment = at, la
+        held += a[la] - b[la]
+    if held > peak:
+        peak, moment = held, len(b)
+    return peak, moment
+
+
+def full_step_peak_tokens(patch_nums: Sequence[int], depth: int, block_size: int) -> int:
+    """The ``full`` policy's KV peak of one sequence in tokens: at its worst step, its pages
+    (every layer holds the whole cache) plus the step's scratch (one layer's current tokens)."""
+    lengths = [scale_tokens(p) for p in patch_nums]
+    cum = cumulative_lengths(patch_nums)
+    rows = [0] + [c if si < len(lengths) - 1 else 0 for si, c in enumerate(cum)]
+    return max(step_peak([rows[si]] * depth, [rows[si + 1]] * depth, block_size)[0] * block_size + n
+               for si, n in enumerate(lengths))
+
+
+def _fit_step_peak(name: str, si: int, before: list[int], after_of, scratch: int, limit: int, block_size: int,
+                   floor: int, protected: set[int]) -> tuple[list[int], list[int]]:
+    """Lower ``before`` (the previous scale's kept row) until step ``si``'s peak, pages held
+    plus ``scratch`` tokens, fits in ``limit`` tokens; returns (before, after).
+
+    A layer that grows early in the step (a drafter taking in the current map) peaks while
+    the layers after it still hold their previous, larger shares: only those shares can make
+    room, so the largest unprotected one (a refiner of the previous scale) gives up a page at
+    a time, never below ``floor``, and the step's split is recomputed with the smaller
+    history (``after_of(before)``). The drafters' histories (``protected``) are not touched.
+    """
+    before = list(before)
+    while True:
+        after = after_of(before)
+        peak, moment = step_peak(before, after, block_size)
+        if peak * block_size + scratch <= limit:
+            return before, after
+        cands = [la for la in range(moment + 1, len(before)) if la not in protected and before[la] > floor]
+        if not cands:
+            raise ValueError(f"peak_limit: plan {name!r} cannot keep scale {si}'s KV peak within {limit} tokens "
+                             f"per sequence (it needs {peak * block_size + scratch} with every refiner of the "
+                             "previous scale at its window): raise peak_limit or kv_budget")
+        la = max(cands, key=lambda i: (before[i], i))
+        before[la] = max(floor, (before[la] - 1) // block_size * block_size)
+
+
 def _build(name: str, patch_nums: Sequence[int], depth: int, settings: BudgetSettings, split,
-           drafters_of=None) -> KVPlan:
+           drafters_of=None, peak_limit: float | None = None) -> KVPlan:
     """Shared skeleton: whole leading scales, ``split(si, j, avail) -> per-layer kept`` at the
-    j-th compressed scale, nothing after the last scale."""
+    j-th compressed scale, nothing after the last scale.
+
+    With ``peak_limit`` (a fraction of ``full``'s peak, scratch included) every step's peak is
+    kept within it by lowering, where a step would exceed it, the previous compressed scale's
+    refiner shares (``_fit_step_peak``): those scales then keep less than ``layers * U``."""
     lengths = [scale_tokens(p) for p in patch_nums]
     cum = cumulative_lengths(patch_nums)
     u = uniform_tokens(patch_nums, settings.kv_budget)
+    bs = settings.align
+    limit = None if peak_limit is None else int(peak_limit * full_step_peak_tokens(patch_nums, depth, bs))
+    floor = min(settings.window_size, u)
     kept: list[tuple[int, ...]] = []
     drafters: list[tuple[int, ...]] = []
     j = 0
     for si, n in enumerate(lengths):
-        if si == len(lengths) - 1:
-            kept.append((0,) * depth)
-            drafters.append(())
-            continue
         hist = kept[-1] if kept else (0,) * depth
-        if cum[si] <= u:
+        last = si == len(lengths) - 1
+        if not last and cum[si] <= u:
             kept.append((cum[si],) * depth)
             drafters.append(())
             continue
-        avail = [h + n for h in hist]
-        row = split(si, j, avail, u)
-        if sum(row) != depth * u or any(not 0 <= r <= a for r, a in zip(row, avail)):
-            raise AssertionError(f"{name}: bad split at scale {si}: {row} (avail {avail}, target {depth * u})")
+
+        def after_of(before: Sequence[int], si: int = si, n: int = n, last: bool = last, j: int = j) -> list[int]:
+            if last:
+                return [0] * depth
+            avail = [h + n for h in before]
+            row = split(si, j, avail, u)
+            if sum(row) != depth * u or any(not 0 <= r <= a for r, a in zip(row, avail)):
+                raise AssertionError(f"{name}: bad split at scale {si}: {row} (avail {avail}, target {depth * u})")
+            return row
+
+        if limit is not None and j > 0:  # the previous row is compressed: it may give up refiner shares
+            protected = set(drafters_of(si - 1)) if drafters_of else set()
+            before, row = _fit_step_peak(name, si, list(hist), after_of, n, limit, bs, floor, protected)
+            kept[-1] = tuple(before)
+        else:
+            row = after_of(hist)
         kept.append(tuple(row))
-        drafters.append(tuple(drafters_of(si)) if drafters_of else ())
-        j += 1
+        drafters.append(tuple(drafters_of(si)) if drafters_of and not last else ())
+        if not last:
+            j += 1
     return LayerwisePlan(name=name, kept=tuple(kept), drafters=tuple(drafters))
 
 
@@ -261,7 +334,8 @@ def scalekv_plan(profile: ScaleProfile, settings: BudgetSettings, name: str = "s
                 row[la] = b
         return fill_up(row, total, avail, align)
 
-    return _build(name, patch_nums, depth, settings, split, drafters_of=lambda si: profile.drafters[si + 1])
+    return _build(name, patch_nums, depth, settings, split, drafters_of=lambda si: profile.drafters[si + 1],
+                  peak_limit=settings.peak_limit)
 
 
 def capacity_plan(profile: ScaleProfile, name: str = "scalekv") -> KVPlan:

@@ -50,7 +50,7 @@ class DemandCalculator:
         (its schedule), as in ``InfinityEngine.plan_for``."""
         if self.infinity:
             return self._infinity_demand(policy, kv_budget, block_size, num_pages, h_div_w, resolution)
-        from memory.budgets import BudgetSettings, budget_plan
+        from memory.budgets import budget_plan
         from memory.policy_names import POLICIES, needs_profile
 
         c = self.engine
@@ -64,8 +64,7 @@ class DemandCalculator:
             self._cache.move_to_end(key)
             return hit
         try:
-            settings = BudgetSettings(kv_budget=kv_budget, window_size=c.window_size, delta=c.budget_delta,
-                                      align=c.block_size, drafter_mode=c.drafter_mode, num_drafters=c.num_drafters)
+            settings = c.budget_settings(kv_budget)
             profile = self._profile_for() if needs_profile(policy) else None
             plan = budget_plan(policy, self.spec.var.patch_nums, self.spec.var.depth, settings, profile)
             pages = plan.peak_pages(block_size) * 2

@@ -267,3 +267,73 @@ def test_named_policy_defaults_and_overrides_of_the_drafter_mode():
                         BudgetSettings(kv_budget=0.1, drafter_mode="fixed"), SHIPPED_TINY)
     assert all(fixed.drafters[si] == (0,) for si in comp)
     assert needs_profile("scalekv-allq") and needs_profile("scalekv") and not needs_profile("snapkv")
+
+
+def _step_peaks(plan, cfg, block_size: int) -> list[int]:
+    """Per step: most tokens of KV one sequence holds at once (pages held + one layer's scratch)."""
+    from memory.budgets import step_peak
+
+    lengths = cfg.scale_lengths()
+    return [step_peak([plan.history(si, la) for la in range(cfg.depth)], plan.kept[si], block_size)[0] * block_size
+            + lengths[si] for si in range(cfg.num_scales)]
+
+
+DEEP = get_spec("var-deep").var
+
+
+@pytest.mark.parametrize("cfg", [TINY, DEEP], ids=["tiny", "deep"])
+def test_peak_limit_bounds_every_step_or_says_it_cannot(cfg):
+    """Property over random profiles: with ``peak_limit`` every step's peak (pages + scratch)
+    stays within the limit, or the plan is refused naming peak_limit; quotas stay feasible,
+    compressed scales keep at most layers x U, and a plan that already fits is unchanged."""
+    from memory.budgets import full_step_peak_tokens
+
+    rng = random.Random(99)
+    refused = fitted = 0
+    for _ in range(40):
+        prof = _random_profile(cfg, rng)
+        budget, align = rng.choice([0.04, 0.1, 0.2]), rng.choice([1, 8, 16])
+        base = BudgetSettings(kv_budget=budget, align=align, drafter_mode=rng.choice(["calibrated", "fixed"]))
+        free = budget_plan("scalekv", cfg.patch_nums, cfg.depth, base, prof)
+        full = full_step_peak_tokens(cfg.patch_nums, cfg.depth, align)
+        limit = max(_step_peaks(free, cfg, align)) / full * rng.uniform(0.85, 1.05)  # around the plan's own peak
+        cap = int(limit * full)
+        try:
+            plan = budget_plan("scalekv", cfg.patch_nums, cfg.depth,
+                               BudgetSettings(**{**base.__dict__, "peak_limit": limit}), prof)
+        except ValueError as e:
+            assert "peak_limit" in str(e)
+            assert max(_step_peaks(free, cfg, align)) > cap
+            refused += 1
+            continue
+        check_plan(plan, cfg.patch_nums)
+        assert max(_step_peaks(plan, cfg, align)) <= cap
+        u = uniform_tokens(cfg.patch_nums, budget)
+        assert all(sum(plan.kept[si]) <= cfg.depth * u for si in compressed_scales(cfg.patch_nums, budget))
+        if max(_step_peaks(free, cfg, align)) <= cap:
+            assert plan.kept == free.kept
+        else:
+            fitted += 1
+    assert refused and fitted  # both branches exercised
+
+
+def test_peak_limit_trims_refiners_before_an_early_drafter_grows():
+    """var-deep at 10% with drafters at layers 1 and 6 (a calibrated profile's shape): the
+    drafters' growth at scale 8 lifts the step above 0.12 of full; the limit brings it under by
+    trimming only refiners at scale 7, and the drafters keep their whole history."""
+    from memory.budgets import full_step_peak_tokens
+
+    prof = _profile(DEEP, lambda si: [1, 6])
+    free = budget_plan("scalekv", DEEP.patch_nums, DEEP.depth, BudgetSettings(kv_budget=0.1, align=16), prof)
+    plan = budget_plan("scalekv", DEEP.patch_nums, DEEP.depth,
+                       BudgetSettings(kv_budget=0.1, align=16, peak_limit=0.12), prof)
+    full = full_step_peak_tokens(DEEP.patch_nums, DEEP.depth, 16)
+    assert max(_step_peaks(free, DEEP, 16)) > 0.12 * full >= max(_step_peaks(plan, DEEP, 16))
+    changed = [si for si in range(DEEP.num_scales) if plan.kept[si] != free.kept[si]]
+    assert changed
+    cum = cumulative_lengths(DEEP.patch_nums)
+    for si in changed:
+        trimmed = [la for la in range(DEEP.depth) if plan.kept[si][la] < free.kept[si][la]]
+        assert trimmed and not set(trimmed) & {1, 6}
+        assert all(plan.kept[si][la] >= 16 for la in trimmed)
+    assert all(plan.kept[si][la] == cum[si] for si in range(DEEP.num_scales - 1) for la in (1, 6))

@@ -168,3 +168,24 @@ def test_fidelity_cli_end_to_end(micro_model, profile_path, tmp_path, capsys):
     assert (tmp_path / "plots" / "budget_sweep.png").exists()
     assert (tmp_path / "plots" / "grid_budget_0.2.png").exists()
     assert "scalekv" in capsys.readouterr().out
+
+
+def test_peak_limit_holds_in_the_pool_measured_peak(micro_model, profile_path):
+    """``peak_limit`` bounds what the pool really holds: the result's measured KV peak (pages
+    held at once + scratch) equals the plan's prediction and stays within the limit of full's
+    measured peak, below the unlimited plan's."""
+    from memory.budgets import step_peak
+
+    (full,) = _engine(micro_model, profile_path).generate(_reqs(1))
+    (free,) = _engine(micro_model, profile_path, policy="scalekv", kv_budget=0.7).generate(_reqs(1))
+    limit = 0.97 * free.kv_peak_bytes / full.kv_peak_bytes
+    eng = _engine(micro_model, profile_path, policy="scalekv", kv_budget=0.7, peak_limit=limit)
+    (res,) = eng.generate(_reqs(1))
+    assert res.ok, res.error
+    plan, var = eng.plan_for("scalekv", 0.7), micro_model.spec.var
+    page, token = eng.pool.page_bytes, eng.pool.page_bytes // eng.pool.block_size
+    predicted = max(2 * step_peak([plan.history(si, la) for la in range(var.depth)], plan.kept[si],
+                                  eng.pool.block_size)[0] * page + 2 * n * token
+                    for si, n in enumerate(var.scale_lengths()))
+    assert res.kv_peak_bytes == predicted
+    assert res.kv_peak_bytes <= limit * full.kv_peak_bytes < free.kv_peak_bytes
