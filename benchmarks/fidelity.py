@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,14 +85,9 @@ class FidelityConfig:
     budgets: list[float] = field(default_factory=lambda: [0.04, 0.1, 0.2])  # the ScaleKV paper's Table 1
     num: int = 200  # requests (= seeds) per policy, the same seeds for every policy
     seed: int = 0
-    dtype: str = "float32"
-    block_size: int = 16
-    kv_pool_bytes: int = 128 << 20  # the fixed pool for the concurrency figure
-    profile_path: str | None = None
-    window_size: int = 16
-    pool_kernel: int | None = None  # None: the policy's default (5; 1 for the -allq policies)
-    pooling: str = "max"
-    budget_delta: float | None = None
+    # every engine knob (block size, pool, profile, scoring, drafters, peak_limit...) of every run;
+    # policy and kv_budget are set per run. The pool is fixed for the concurrency figure.
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(dtype="float32", kv_pool_bytes=128 << 20))
     reference: str | None = "scalekv"  # paired deltas of every policy vs this one, same budget, same seeds
     confidence: float = 0.95  # of the paired t-intervals
     fid: bool = True  # FID on the classifier's features (only for CLASSIFIER_MODELS)
@@ -112,10 +107,7 @@ class FidelityConfig:
                 raise ValueError(f"budgets: each must be a fraction in (0, 1], got {b}")
 
     def engine_config(self, policy: str, kv_budget: float) -> EngineConfig:
-        return EngineConfig(block_size=self.block_size, kv_pool_bytes=self.kv_pool_bytes, policy=policy,
-                            kv_budget=kv_budget, dtype=self.dtype, attention_backend="auto",
-                            profile_path=self.profile_path, window_size=self.window_size,
-                            pool_kernel=self.pool_kernel, pooling=self.pooling, budget_delta=self.budget_delta)
+        return replace(self.engine, policy=policy, kv_budget=kv_budget)
 
 
 # --------------------------------------------------------------------------- runs

@@ -148,9 +148,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     shared.set_threads(args.threads)
     model = build_model(args.model, args.checkpoint, args.tokenizer, random_init=args.random_init)
     cfg = FidelityConfig(policies=args.policies, budgets=args.budgets, num=args.num, seed=args.seed,
-                         dtype=ecfg.dtype, block_size=ecfg.block_size, kv_pool_bytes=ecfg.kv_pool_bytes,
-                         profile_path=ecfg.profile_path, window_size=ecfg.window_size, pool_kernel=ecfg.pool_kernel,
-                         pooling=ecfg.pooling, budget_delta=ecfg.budget_delta,
+                         engine=ecfg,
                          reference=None if args.reference == "none" else args.reference, confidence=args.confidence,
                          fid=args.fid)
     report, images = run_fidelity(model, cfg, progress=sys.stderr.isatty() and not args.json)

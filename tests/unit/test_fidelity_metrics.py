@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("torchmetrics")
 
 from benchmarks.fidelity import FidelityConfig, format_table, run_fidelity, ssim, ssim_batch, write_outputs  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
 from memory.profile import ScaleProfile  # noqa: E402
 
 
@@ -34,8 +35,9 @@ def shapes():
 
 
 def _micro_cfg(profile_path, **kw) -> FidelityConfig:
-    base = {"policies": ["full", "scalekv", "sliding", "h2o"], "budgets": [0.2, 0.5], "num": 4, "block_size": 4,
-            "window_size": 4, "kv_pool_bytes": 1 << 20, "profile_path": profile_path}
+    engine = EngineConfig(dtype="float32", block_size=4, window_size=4, kv_pool_bytes=1 << 20,
+                          profile_path=profile_path)
+    base = {"policies": ["full", "scalekv", "sliding", "h2o"], "budgets": [0.2, 0.5], "num": 4, "engine": engine}
     return FidelityConfig(**{**base, **kw})
 
 
@@ -49,6 +51,11 @@ def test_config_defaults_and_validation():
     with pytest.raises(ValueError):
         FidelityConfig(confidence=1.0)
     assert FidelityConfig(reference=None).reference is None
+    # every engine knob reaches every run; only policy and budget change per run
+    knobs = EngineConfig(dtype="float32", peak_limit=0.12, drafter_mode="fixed", score_queries="all", block_size=8)
+    run = FidelityConfig(engine=knobs).engine_config("scalekv", 0.04)
+    assert (run.policy, run.kv_budget) == ("scalekv", 0.04)
+    assert (run.peak_limit, run.drafter_mode, run.score_queries, run.block_size) == (0.12, "fixed", "all", 8)
 
 
 # --------------------------------------------------------------------------- SSIM
