@@ -65,6 +65,11 @@ class TransformerTrainConfig:
     log_every: int = 10
     time_budget_s: float | None = None  # size the run to this many seconds of training (replaces ``steps``)
     render_workers: int = 1  # processes that render the training set (encoding runs on ``device``)
+    # distillation: a trained transformer of the same tokenizer, schedule and vocabulary (e.g. the
+    # shipped var-tiny) whose teacher-forced distributions the model also learns (soft targets)
+    distill_from: str | None = None
+    distill_model: str = "var-tiny"  # the teacher's named config
+    distill_weight: float = 0.5  # loss = (1 - w) * cross-entropy + w * KL(teacher || model)
 
 
 def _render_chunk(start_count: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +156,10 @@ def validate_config(config: TransformerTrainConfig, num_scales: int) -> None:
                          f"warmup >= {MIN_SIZING_WARMUP}, got {config.warmup}")
     if config.init_from is not None and not Path(config.init_from).exists():
         raise ValueError(f"init_from: no such file {config.init_from!r}")
+    if config.distill_from is not None and not Path(config.distill_from).exists():
+        raise ValueError(f"distill_from: no such file {config.distill_from!r}")
+    if not 0 <= config.distill_weight <= 1:
+        raise ValueError(f"distill_weight: must be in [0, 1], got {config.distill_weight}")
 
 
 @torch.no_grad()
@@ -253,6 +262,32 @@ def scales_at(step: int, config: TransformerTrainConfig, num_scales: int) -> int
     return config.coarse_scales
 
 
+def load_teacher(config: TransformerTrainConfig, spec) -> VAR:
+    """The frozen teacher of a distillation run; it must read the same inputs (tokenizer
+    latent width, scale schedule, classes) and predict the same vocabulary."""
+    tspec = get_spec(config.distill_model)
+    same = ("patch_nums", "vocab_size", "z_channels", "num_classes")
+    diff = [f for f in same if getattr(tspec.var, f) != getattr(spec.var, f)]
+    if diff:
+        raise ValueError(f"distill_model: {config.distill_model!r} differs from {config.model!r} in "
+                         f"{', '.join(diff)}: a teacher must share the tokenizer, schedule and classes")
+    teacher = VAR(tspec.var)
+    load_into(teacher, config.distill_from)
+    teacher.requires_grad_(False)
+    return teacher.eval().to(config.device)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor,
+                      weight: float) -> torch.Tensor:
+    """(1 - weight) * the hard cross-entropy + weight * KL(teacher || model), per token: the
+    teacher's whole distribution over the codes is a far richer target than its one sampled
+    token, which is what makes a small CPU budget of images go further."""
+    v = logits.shape[-1]
+    kl = F.kl_div(F.log_softmax(logits.float().reshape(-1, v), -1),
+                  F.log_softmax(teacher_logits.float().reshape(-1, v), -1), log_target=True, reduction="batchmean")
+    return (1 - weight) * hard_loss + weight * kl
+
+
 def train_transformer(config: TransformerTrainConfig, run_dir: str, progress: bool = True) -> VAR:
     spec = get_spec(config.model)
     validate_config(config, spec.var.num_scales)
@@ -268,6 +303,7 @@ def train_transformer(config: TransformerTrainConfig, run_dir: str, progress: bo
 
     torch.manual_seed(config.seed)
     var = VAR(spec.var)
+    teacher = load_teacher(config, spec) if config.distill_from is not None else None
     if config.init_from is not None:  # overwritten below when the run dir holds a checkpoint
         load_into(var, config.init_from)
     var = var.to(config.device)
@@ -303,8 +339,16 @@ def train_transformer(config: TransformerTrainConfig, run_dir: str, progress: bo
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total or config.warmup, config.lr, config.warmup)  # warm-up: independent of total
         with autocast_for(config.dtype, config.device):
-            logits = var(lab, inputs, num_scales=k)
+            if teacher is None:
+                logits = var(lab, inputs, num_scales=k)
+            else:
+                lab = var.drop_condition(lab)  # the teacher sees the same (dropped) labels
+                logits = var(lab, inputs, num_scales=k, cond_drop=False)
+                with torch.no_grad():
+                    soft = teacher(lab, inputs, num_scales=k)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gt.reshape(-1))
+        if teacher is not None:
+            loss = distillation_loss(logits, soft, loss, config.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(var.parameters(), config.grad_clip)

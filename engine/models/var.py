@@ -277,7 +277,16 @@ class VAR(nn.Module):
         return self.head(self.head_nm(x, cond)).float()
 
     # ----- teacher forcing -----------------------------------------------------------------
-    def forward(self, labels: torch.Tensor, next_inputs: torch.Tensor, num_scales: int | None = None) -> torch.Tensor:
+    def drop_condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance training: each label becomes the null class with probability
+        ``cond_drop_rate`` (drawn from torch's global generator)."""
+        if self.config.cond_drop_rate <= 0:
+            return labels
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.config.cond_drop_rate
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, next_inputs: torch.Tensor, num_scales: int | None = None,
+                cond_drop: bool = True) -> torch.Tensor:
         """Teacher-forced forward over the first ``num_scales`` scales (default all) with the
         block-causal mask.
 
@@ -286,15 +295,16 @@ class VAR(nn.Module):
         Returns logits [B, L_K, V]; position i predicts token i. Because a scale never sees a
         finer one, the logits of a prefix equal those of the same positions in the full
         forward: training on a prefix is exact, and much cheaper for the coarse scales.
+        ``cond_drop`` False: the caller already applied ``drop_condition`` (distillation feeds
+        the teacher the same dropped labels).
         """
         k = self.config.num_scales if num_scales is None else num_scales
         if not 1 <= k <= self.config.num_scales:
             raise ValueError(f"num_scales: must be in [1, {self.config.num_scales}], got {num_scales}")
         n = sum(self.config.scale_lengths()[:k])
         b = labels.shape[0]
-        if self.training and self.config.cond_drop_rate > 0:
-            drop = torch.rand(b, device=labels.device) < self.config.cond_drop_rate
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        if self.training and cond_drop:
+            labels = self.drop_condition(labels)
         cond = self.condition(labels)
         sos = cond.unsqueeze(1) + self.pos_start
         x = torch.cat((sos, self.word_embed(next_inputs[:, : n - 1].to(self.word_embed.weight.dtype))), dim=1)

@@ -65,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--save-every", type=int, default=None,
                    help="(transformer) steps between resumable checkpoints (default 20; raise it on a GPU)")
     t.add_argument("--log-every", type=int, default=None, help="(transformer) steps between log records (default 10)")
+    t.add_argument("--distill-from", default=None,
+                   help="(transformer) also learn a trained teacher's per-token distributions, e.g. "
+                        "engine/models/weights/var-tiny/transformer.safetensors (default: off)")
+    t.add_argument("--distill-model", default=None,
+                   help="(transformer) the teacher's named config; it must share the tokenizer, schedule and "
+                        "classes (default: var-tiny)")
+    t.add_argument("--distill-weight", type=float, default=None,
+                   help="(transformer) loss = (1 - w) * cross-entropy + w * KL(teacher || model) (default 0.5)")
     t.set_defaults(func=cmd_train)
 
     c = shared.add_parser(sub, "calibrate", "measure drafter/refiner layers and write a scale profile (ScaleKV)")
@@ -110,7 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "num_images": args.num_images, "warmup": args.warmup, "init_from": args.init_from,
                  "coarse_scales": args.coarse_scales, "full_every": args.full_every,
                  "perturb_rate": args.perturb_rate, "time_budget_s": args.time_budget,
-                 "render_workers": args.render_workers, "save_every": args.save_every, "log_every": args.log_every}
+                 "render_workers": args.render_workers, "save_every": args.save_every, "log_every": args.log_every,
+                 "distill_from": args.distill_from, "distill_model": args.distill_model,
+                 "distill_weight": args.distill_weight}
         config = TransformerTrainConfig(model=args.model, dtype=args.dtype, device=device,
                                      **{k: (getattr(d, k) if v is None else v) for k, v in given.items()})
         var = train_transformer(config, args.run_dir)
