@@ -346,9 +346,9 @@ def train_transformer(config: TransformerTrainConfig, run_dir: str, progress: bo
                 logits = var(lab, inputs, num_scales=k, cond_drop=False)
                 with torch.no_grad():
                     soft = teacher(lab, inputs, num_scales=k)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gt.reshape(-1))
+        hard = loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gt.reshape(-1))
         if teacher is not None:
-            loss = distillation_loss(logits, soft, loss, config.distill_weight)
+            loss = distillation_loss(logits, soft, hard, config.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(var.parameters(), config.grad_clip)
@@ -373,7 +373,7 @@ def train_transformer(config: TransformerTrainConfig, run_dir: str, progress: bo
             with torch.no_grad():
                 hit = (logits.argmax(-1) == gt).float().mean(0)
                 acc = [round(float(a.mean()), 4) for a in hit.split(lens[:k])]
-            rec = {"step": step, "scales": k, "loss": loss.item(), "acc_per_scale": acc,
+            rec = {"step": step, "scales": k, "loss": loss.item(), "ce": hard.item(), "acc_per_scale": acc,
                    "img_per_s": step * config.batch_size / max(elapsed, 1e-9), "elapsed_s": elapsed}
             run.log(rec)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc_last=acc[-1], ips=f"{rec['img_per_s']:.1f}")
