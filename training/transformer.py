@@ -386,3 +386,16 @@ def train_transformer(config: TransformerTrainConfig, run_dir: str, progress: bo
 
 def export_transformer(var: VAR, path: str) -> None:
     save_safetensors(var, path, half=True)
+
+
+def export_checkpoint(model: str, run_dir: str, path: str) -> int:
+    """Write a run's latest resumable checkpoint as shipped-format weights (fp16 safetensors),
+    without training: a run can be evaluated, calibrated or carried to another machine mid-way
+    (a new run starts from the file with ``init_from``). Returns the checkpoint's step."""
+    state = RunDir(run_dir).load()
+    if state is None:
+        raise ValueError(f"run_dir: no checkpoint in {run_dir!r} (ckpt.pt is written every save_every steps)")
+    var = VAR(get_spec(model).var)
+    var.load_state_dict(state["model"])
+    export_transformer(var, path)
+    return int(state["step"])

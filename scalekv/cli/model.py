@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--save-every", type=int, default=None,
                    help="(transformer) steps between resumable checkpoints (default 20; raise it on a GPU)")
     t.add_argument("--log-every", type=int, default=None, help="(transformer) steps between log records (default 10)")
+    t.add_argument("--export-only", action="store_true",
+                   help="(transformer) write the run's latest checkpoint to RUN_DIR/transformer.safetensors and "
+                        "exit without training (evaluate or carry a run mid-way)")
     t.add_argument("--distill-from", default=None,
                    help="(transformer) also learn a trained teacher's per-token distributions, e.g. "
                         "engine/models/weights/var-tiny/transformer.safetensors (default: off)")
@@ -110,6 +113,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         vae = train_tokenizer(config, args.run_dir)
         export_tokenizer(vae, str(Path(args.run_dir) / "tokenizer.safetensors"))
         print(json.dumps(evaluate_tokenizer(vae, 1000)))
+    elif args.what == "transformer" and args.export_only:
+        from training.transformer import export_checkpoint
+
+        out = str(Path(args.run_dir) / "transformer.safetensors")
+        step = export_checkpoint(args.model, args.run_dir, out)
+        print(json.dumps({"exported": out, "step": step}))
     elif args.what == "transformer":
         from training.transformer import TransformerTrainConfig, export_transformer, train_transformer
 

@@ -288,3 +288,27 @@ def test_distillation_pulls_the_model_towards_the_teacher(tmp_path):
         train_transformer(TransformerTrainConfig(model="var-micro", tokenizer=str(tok), num_images=4, steps=1,
                                                  batch_size=2, distill_from=str(teacher_path),
                                                  distill_model="var-tiny"), str(tmp_path / "run2"), progress=False)
+
+
+def test_export_only_writes_the_latest_checkpoint_without_training(tmp_path, capsys):
+    """`scalekv train transformer --export-only`: the run's checkpoint as strict-loading fp16
+    weights, no step taken; a run dir without a checkpoint is an error naming run_dir."""
+    from scalekv.cli import main
+
+    spec = get_spec("var-micro")
+    tok = tmp_path / "tok.safetensors"
+    save_safetensors(VQVAE(spec.vae), tok)
+    run = tmp_path / "run"
+    cfg = TransformerTrainConfig(model="var-micro", tokenizer=str(tok), num_images=8, steps=2, batch_size=4,
+                                 log_every=1, save_every=1)
+    var = train_transformer(cfg, str(run), progress=False)
+    (run / "transformer.safetensors").unlink(missing_ok=True)
+    assert main(["train", "transformer", "--model", "var-micro", "--run-dir", str(run), "--export-only"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    fresh = VAR(spec.var)
+    load_into(fresh, run / "transformer.safetensors")  # strict
+    assert torch.equal(fresh.head.weight, var.head.weight.half().float())
+    assert len(_log(run)) == 2  # nothing trained
+    assert main(["train", "transformer", "--model", "var-micro", "--run-dir", str(tmp_path / "empty"),
+                 "--export-only"]) == 2
+    assert "run_dir: no checkpoint" in capsys.readouterr().err
