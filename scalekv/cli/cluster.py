@@ -258,6 +258,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"\nscalekv: interrupted while submitting job {job_id}: `scalekv jobs` shows whether it was taken",
               file=sys.stderr)
         return 130
+    if not args.json:  # past this line a Ctrl-C detaches: the job is the cluster's and keeps running
+        print(f"job {job_id}: {job['total']} image(s) queued; Ctrl-C detaches, the job keeps running",
+              file=sys.stderr, flush=True)
     return _collect(client, job_id, Path(args.out), args, job["total"], job.get("request_ids"))
 
 

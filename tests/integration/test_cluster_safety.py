@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -417,10 +418,16 @@ def test_sigint_leaves_the_job_running(cluster, state_a, tmp_path):
     handles = cluster.worker_handles()
     ray.get([h.pause.remote() for h in handles.values()])
     proc = cli_bg(state_a, "submit", str(path), "--out", str(tmp_path / "o"), "--job-id", "interrupted")
+    lines: list[str] = []  # stderr, read as it comes: the signal must land after the cluster took the job
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     try:
-        _wait(lambda: "interrupted" in {j["job_id"] for j in cluster.jobs()}, what="the job")
+        _wait(lambda: any("queued" in line for line in lines), timeout=120, what="the job queued")
+        assert "interrupted" in {j["job_id"] for j in cluster.jobs()}
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+        err = "".join(lines)
     finally:
         ray.get([h.resume.remote() for h in handles.values()])
     assert proc.returncode == 130 and "scalekv wait interrupted" in err, err
