@@ -419,7 +419,12 @@ def test_sigint_leaves_the_job_running(cluster, state_a, tmp_path):
     ray.get([h.pause.remote() for h in handles.values()])
     proc = cli_bg(state_a, "submit", str(path), "--out", str(tmp_path / "o"), "--job-id", "interrupted")
     lines: list[str] = []  # stderr, read as it comes: the signal must land after the cluster took the job
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     try:
         _wait(lambda: any("queued" in line for line in lines), timeout=120, what="the job queued")
