@@ -63,10 +63,13 @@ from benchmarks.image_metrics import (  # noqa: F401  (re-exported: the harness'
 )
 from benchmarks.stats import Interval, mean_ci, paired_delta
 from engine.api import EngineConfig, ImageEngine
+from engine.models.catalog import MODELS, SHAPES_CLASS_NAMES
 from engine.models.registry import LoadedModel
 from engine.request import ImageRequest, ImageResult
 
-CLASSIFIER_MODELS = ("var-tiny",)  # models whose images the shape classifier can judge
+# Models whose images the shape classifier can judge: those trained here on the shapes dataset (var-tiny,
+# var-deep), found by their class list so a new shapes model needs no edit here.
+CLASSIFIER_MODELS = tuple(name for name, spec in MODELS.items() if spec.class_names == SHAPES_CLASS_NAMES)
 SSIM_CONVENTION = ("torchmetrics structural_similarity_index_measure defaults on [0,1] RGB: Gaussian window 11, "
                    "sigma 1.5, K1 0.01, K2 0.03, reflect-padded borders, mean over channels and pixels")
 FID_CONVENTION = ("torchmetrics FrechetInceptionDistance on the shape classifier's penultimate features "

@@ -177,3 +177,17 @@ def test_fid_and_classes_wired_in(micro_model, profile_path, monkeypatch):
         assert "delta_class_accuracy" in r
     table = format_table(report)
     assert "FID" in table and "NOT Inception" in table and "rank-deficient" in table and " acc" in table
+
+
+def test_classifier_models_are_the_shapes_models():
+    """FID and class accuracy are computed for every model trained on the shapes dataset (var-deep as
+    well as var-tiny, whose images are the same 64 px classes) and for no other."""
+    from benchmarks.fidelity import CLASSIFIER_MODELS
+    from engine.models.catalog import MODELS
+    from training.shapes import IMAGE_SIZE, NUM_CLASSES
+
+    assert {"var-tiny", "var-deep"} <= set(CLASSIFIER_MODELS)
+    assert "var-d16" not in CLASSIFIER_MODELS and "var-micro" not in CLASSIFIER_MODELS
+    for name in CLASSIFIER_MODELS:
+        spec = MODELS[name]
+        assert spec.var.num_classes == NUM_CLASSES and spec.vae.image_size == IMAGE_SIZE
