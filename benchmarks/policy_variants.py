@@ -97,8 +97,8 @@ def run_variants(model: LoadedModel, labels: list[str], kv_budget: float, num: i
             rec.update(diff=ci.mean, diff_lo=ci.low, diff_hi=ci.high, wins=int((d > 0).sum()),
                        losses=int((d < 0).sum()))
         out.append(rec)
-    return {"model": model.spec.name, "kv_budget": kv_budget, "num": num, "seed": seed, "baseline": baseline,
-            "config": base.to_dict(), "machine": machine(), "date": today(), "results": out}
+    return {"model": model.spec.name, "weights": model.source, "kv_budget": kv_budget, "num": num, "seed": seed,
+            "baseline": baseline, "config": base.to_dict(), "machine": machine(), "date": today(), "results": out}
 
 
 def format_table(report: dict) -> str:
@@ -123,14 +123,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--checkpoint", default=None,
+                   help="transformer weights (default: the model's shipped weights; var-deep has none yet)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer weights (with --checkpoint)")
+    p.add_argument("--profile-path", default=None,
+                   help="ScaleKV calibration profile (default: the model's shipped profile)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     labels = [v for v in a.variants.split(",") if v]
     unknown = [v for v in labels if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown} (available: {', '.join(VARIANTS)})")
-    report = run_variants(build_model(a.model), labels, a.budget, a.num, a.seed, a.baseline,
-                          EngineConfig(dtype="float32", block_size=a.block_size))
+    report = run_variants(build_model(a.model, a.checkpoint, a.tokenizer), labels, a.budget, a.num, a.seed,
+                          a.baseline, EngineConfig(dtype="float32", block_size=a.block_size,
+                                                   profile_path=a.profile_path))
     print(f"\n{report['model']}, kv_budget {a.budget}, {a.num} seeds from {a.seed}, {report['machine']}, "
           f"{report['date']}")
     print(format_table(report))

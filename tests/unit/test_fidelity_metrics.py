@@ -191,3 +191,19 @@ def test_classifier_models_are_the_shapes_models():
     for name in CLASSIFIER_MODELS:
         spec = MODELS[name]
         assert spec.var.num_classes == NUM_CLASSES and spec.vae.image_size == IMAGE_SIZE
+
+
+def test_policy_variants_pairs_every_variant_with_the_baseline(micro_model, profile_path):
+    """The variants benchmark on the micro model with an explicit profile (as var-deep's candidate is
+    run): the baseline's paired difference to itself is exactly 0, every variant's KV is a fraction of
+    full's, and the weights' source is recorded."""
+    from benchmarks.policy_variants import run_variants
+
+    base = EngineConfig(dtype="float32", block_size=4, window_size=4, kv_pool_bytes=1 << 20,
+                        profile_path=profile_path)
+    report = run_variants(micro_model, ["scalekv", "scalekv-fixed", "snapkv-allq"], 0.2, 3, 0, "scalekv", base)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert rows["scalekv"]["diff"] == 0.0 and rows["scalekv"]["wins"] == 0 == rows["scalekv"]["losses"]
+    assert report["weights"] == micro_model.source and report["config"]["profile_path"] == profile_path
+    for r in rows.values():
+        assert len(r["psnr_per_seed"]) == 3 and 0 < r["kv_ratio"] < 1
