@@ -86,12 +86,19 @@ def table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def report_parser(doc: str, policy_help: str) -> argparse.ArgumentParser:
+    """The command line shared by the scripts that read fidelity reports: the report files, the
+    policy under study and the baselines it is measured against."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("reports", nargs="+", help="fidelity report JSON files (scalekv bench fidelity --report)")
-    ap.add_argument("--policy", default="scalekv", help="the policy whose gain is plotted (default: scalekv)")
+    ap.add_argument("--policy", default="scalekv", help=f"{policy_help} (default: scalekv)")
     ap.add_argument("--against", default=",".join(PAPER_BASELINES),
                     help="comma-separated baselines (default: the paper's)")
+    return ap
+
+
+def main() -> None:
+    ap = report_parser(__doc__, "the policy whose gain is plotted")
     ap.add_argument("--out", default="out/depth_gain.png", help="the plot (default: out/depth_gain.png)")
     args = ap.parse_args()
     against = tuple(p for p in args.against.split(",") if p)
