@@ -13,8 +13,13 @@ Reports can come from several runs (e.g. the policy at extra budgets chosen with
 so its peak meets the baselines'); they must share the model, the weights and the seeds, which the
 script checks, and the engine is deterministic, so the full-cache reference is the same in each.
 
+A baseline that leaves slots of its pages empty can be run at the budget that fills them (var-deep:
+0.0755 keeps 32 tokens a layer in the same 2 pages as 0.04's 17); give that report too, so the
+comparison is against the most the same memory can hold.
+
     python -m benchmarks.iso_memory docs/models/var-deep/card/fidelity_policies_phase4.json \\
-        docs/models/var-deep/card/fidelity_iso_memory_phase4.json
+        docs/models/var-deep/card/fidelity_iso_memory_phase4.json \\
+        docs/models/var-deep/card/fidelity_pagefill_phase4.json --against h2o,snapkv
 """
 
 from __future__ import annotations
