@@ -161,6 +161,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f" - reserve); step activations ~{r.step_activation_bytes / 2**30:.2f} GiB vs "
               f"{r.activation_slack_bytes / 2**30:.2f} GiB left off the pool")
     for r in rows:
+        if r.page_fill_budget is not None:
+            print(f"note: {r.model} {r.policy} at {r.kv_budget:g} keeps {r.budget_tokens} tokens a layer in whole "
+                  f"pages of {r.block_size}; budget {r.page_fill_budget:g} keeps {r.page_fill_tokens} in the "
+                  f"same {r.request_pages} pages a request", file=sys.stderr)
         if r.step_activation_bytes > r.activation_slack_bytes:
             print(f"warning: {r.model} on {r.device}: step activations (~{r.step_activation_bytes / 2**30:.2f} GiB) "
                   f"exceed the memory left off the pool ({r.activation_slack_bytes / 2**30:.2f} GiB); raise "

@@ -167,3 +167,18 @@ def test_no_torch_and_cli(tmp_path):
     assert lines[0]["mib"]["infinity-8b"]["10%"] == 8_531
     assert [r["policy"] for r in lines[1:]] == ["full", "scalekv"]
     assert lines[2]["max_concurrent_requests"] > 8 * lines[1]["max_concurrent_requests"]
+
+
+def test_uniform_budget_that_fills_its_pages():
+    """17 tokens a layer occupy 2 pages of 16 in every layer; the suggested budget keeps 32 in the
+    same pages (same request_pages), and policies that share pages get no suggestion."""
+    deep = get_shape("var-deep")
+    dev = DEVICES["h200"]
+    rep = plan_capacity(deep, dev, "h2o", 0.04, k_dtype="float32", v_dtype="float32")
+    assert (rep.budget_tokens, rep.page_fill_tokens) == (17, 32)
+    filled = plan_capacity(deep, dev, "h2o", rep.page_fill_budget, k_dtype="float32", v_dtype="float32")
+    assert filled.budget_tokens == 32 and filled.request_pages == rep.request_pages
+    assert filled.page_fill_budget is None  # already whole pages
+    tiny = plan_capacity(get_shape("var-tiny"), dev, "scalekv", 0.04, profile=default_profile("var-tiny"))
+    assert tiny.page_fill_budget is None
+    assert plan_capacity(deep, dev, "full").page_fill_budget is None
