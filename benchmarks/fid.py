@@ -11,6 +11,14 @@ downloaded: the Inception weights are never constructed.
 The numbers are therefore FIDs in the classifier's feature space, comparable with each other but
 not with Inception FIDs in papers. The covariances are estimated from the images given; with fewer
 images than features (160) they are rank deficient and the FID is biased upwards.
+
+FID is one number per image set, so it has no per-seed t-interval like PSNR. Two sets generated from
+the same seeds are compared with a paired bootstrap instead (:func:`fid_bootstrap`,
+:func:`paired_fid_delta`): the seeds are resampled with replacement, the same resample for the
+reference set and both policies, and the FID difference is recomputed on each; the percentile
+interval of those differences says whether the seeds can tell the two policies apart. The resampled
+FIDs use the same formula as torchmetrics (:func:`frechet_distance`, float64); a resample repeats
+images, so its FIDs are biased upwards, and only their differences are read.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ClassifierFeatures", "FeatureFID", "feature_fid", "to_uint8_nchw"]
+__all__ = ["ClassifierFeatures", "FeatureFID", "feature_fid", "fid_bootstrap", "frechet_distance",
+           "paired_fid_delta", "to_uint8_nchw"]
 
 
 class ClassifierFeatures(nn.Module):
@@ -67,6 +76,7 @@ class FeatureFID:
         self.batch_size = batch_size
         self.metric = FrechetInceptionDistance(feature=self.extractor, reset_real_features=False, normalize=False)
         self.num_reference = self._update(reference, real=True)
+        self.reference_features = self.features(reference)
 
     @property
     def num_features(self) -> int:
@@ -85,8 +95,57 @@ class FeatureFID:
         self._update(images, real=False)
         return float(self.metric.compute())
 
+    def features(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Per-image features ``[N, d]`` (float64), in image order: what the bootstrap resamples."""
+        x = to_uint8_nchw(images)
+        out = [self.extractor(x[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        return torch.cat(out).double().numpy()
+
 
 def feature_fid(a: Sequence[np.ndarray] | np.ndarray, b: Sequence[np.ndarray] | np.ndarray,
                 extractor: nn.Module | None = None) -> float:
     """FID between two sets of uint8 ``[H, W, 3]`` images in the classifier's feature space."""
     return FeatureFID(a, extractor)(b)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature rows ``a`` ``[N, d]`` and ``b`` ``[M, d]``:
+    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 sum sqrt(eig(S_a S_b))`` with unbiased (n - 1)
+    covariances in float64, the formula torchmetrics' FID evaluates on its accumulated statistics."""
+    ta, tb = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if ta.ndim != 2 or tb.ndim != 2 or ta.shape[1] != tb.shape[1] or min(ta.shape[0], tb.shape[0]) < 2:
+        raise ValueError(f"frechet_distance: expected [N>=2, d] and [M>=2, d] features, got {tuple(ta.shape)} "
+                         f"and {tuple(tb.shape)}")
+    mu_a, mu_b = ta.mean(0), tb.mean(0)
+    sa, sb = torch.cov(ta.T), torch.cov(tb.T)
+    covmean = torch.linalg.eigvals(sa @ sb).sqrt().real.sum()
+    return float((mu_a - mu_b).square().sum() + sa.trace() + sb.trace() - 2 * covmean)
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """``[resamples, n]`` seed indices drawn with replacement (one fixed, seeded draw: every policy
+    of a report is resampled the same way, so their FIDs stay paired)."""
+    if n < 2 or resamples < 1:
+        raise ValueError(f"bootstrap_indices: need n >= 2 and resamples >= 1, got n={n}, resamples={resamples}")
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def fid_bootstrap(reference: np.ndarray, features: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """FID of ``features`` against ``reference`` (both ``[n, d]``, row i from seed i) on every resample
+    of seeds in ``indices`` (``[B, n]``): ``[B]`` values."""
+    if reference.shape != features.shape:
+        raise ValueError(f"fid_bootstrap: the sets must hold the same seeds, got {reference.shape} and "
+                         f"{features.shape}")
+    return np.array([frechet_distance(reference[ix], features[ix]) for ix in indices])
+
+
+def paired_fid_delta(point: float, boot: np.ndarray, boot_ref: np.ndarray, confidence: float = 0.95) -> dict:
+    """The FID difference ``point`` (policy - reference policy, on all seeds) with the percentile
+    interval of the paired bootstrap differences ``boot - boot_ref`` (same resamples)."""
+    diff = np.asarray(boot, dtype=np.float64) - np.asarray(boot_ref, dtype=np.float64)
+    if diff.ndim != 1 or diff.size < 2:
+        raise ValueError(f"paired_fid_delta: need >= 2 paired bootstrap values, got shape {diff.shape}")
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(diff, [tail, 100 - tail])
+    return {"mean": float(point), "low": float(low), "high": float(high), "resamples": int(diff.size),
+            "confidence": confidence, "method": "paired percentile bootstrap over seeds"}

@@ -28,7 +28,9 @@ Conventions (also printed above the table):
 * FID: torchmetrics' ``FrechetInceptionDistance`` with the shape classifier's penultimate features
   (:mod:`benchmarks.fid`), not Inception, between the full-cache images and the policy's (same
   seeds); only for models the classifier can judge (``CLASSIFIER_MODELS``). With fewer images than
-  features (160) the covariances are rank deficient and FID is biased upwards.
+  features (160) the covariances are rank deficient and FID is biased upwards. ``delta_fid``: a row's
+  FID minus the reference policy's, with the percentile interval of a paired bootstrap over seeds
+  (``fid_bootstrap`` resamples; FID is one number per set, so it has no t-interval).
 
 Memory fields: ``kv_peak_bytes`` / ``kv_ratio`` (pool pages at the request's peak plus the
 scratch, as the engine reports them), ``kv_pool_*`` (pool pages only), ``quota_pages`` (the
@@ -94,6 +96,7 @@ class FidelityConfig:
     reference: str | None = "scalekv"  # paired deltas of every policy vs this one, same budget, same seeds
     confidence: float = 0.95  # of the paired t-intervals
     fid: bool = True  # FID on the classifier's features (only for CLASSIFIER_MODELS)
+    fid_bootstrap: int = 1000  # resamples of the paired FID-difference interval vs the reference (0: none)
 
     def __post_init__(self) -> None:
         if self.num < 1:
@@ -105,6 +108,8 @@ class FidelityConfig:
                              "policy (or None for no paired deltas)")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence: a fraction in (0, 1), got {self.confidence}")
+        if self.fid_bootstrap < 0:
+            raise ValueError(f"fid_bootstrap: resamples must be >= 0 (0: no FID interval), got {self.fid_bootstrap}")
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets: each must be a fraction in (0, 1], got {b}")
@@ -230,6 +235,36 @@ def add_paired_deltas(rows: list[dict], reference: str, confidence: float = 0.95
     return done
 
 
+def add_fid_deltas(rows: list[dict], features: dict, reference_features: np.ndarray, reference: str,
+                   resamples: int, confidence: float = 0.95, seed: int = 0) -> int:
+    """Give every row ``delta_fid``: its FID minus the reference policy's at the same budget, with the
+    percentile interval of a paired bootstrap over seeds (:func:`benchmarks.fid.paired_fid_delta`; one
+    seeded draw of resamples shared by every row, the full-cache set resampled with them).
+    ``features`` maps (policy, budget) -> ``[num, d]`` features in seed order. Rows without a
+    reference run at their budget get None. Returns how many rows got an interval."""
+    from benchmarks.fid import bootstrap_indices, fid_bootstrap, paired_fid_delta
+
+    refs = {r["kv_budget"]: r for r in rows if r["policy"] == reference}
+    idx = bootstrap_indices(len(reference_features), resamples, seed)
+    boots: dict = {}
+
+    def boot(key):
+        if key not in boots:
+            boots[key] = fid_bootstrap(reference_features, features[key], idx)
+        return boots[key]
+
+    done = 0
+    for r in rows:
+        ref = refs.get(r["kv_budget"])
+        if ref is None:
+            r["delta_fid"] = None
+            continue
+        key, ref_key = (r["policy"], r["kv_budget"]), (reference, r["kv_budget"])
+        r["delta_fid"] = paired_fid_delta(r["fid"] - ref["fid"], boot(key), boot(ref_key), confidence)
+        done += 1
+    return done
+
+
 def run_fidelity(model: LoadedModel, cfg: FidelityConfig, progress: bool = True) -> tuple[dict, dict]:
     """Every (policy, budget) against ``full``, and paired against ``cfg.reference``. Returns
     (report, images) where images maps (policy, budget) -> list of uint8 images (for the grid plot)."""
@@ -257,18 +292,24 @@ def run_fidelity(model: LoadedModel, cfg: FidelityConfig, progress: bool = True)
     kw = {"fid_fn": fid_fn, "classifier": classifier, "confidence": cfg.confidence}
     full_rec = compare(full, full, lengths, with_classes, **kw)
     rows, images = [], {("full", 1.0): [r.image for r in full.results]}
+    features = {}  # (policy, budget) -> per-seed classifier features, for the FID interval
     for budget in cfg.budgets:
         for policy in others:
             bar.set_postfix_str(f"{policy}@{budget}")
             run = run_policy(model, requests, policy, budget, cfg)
             rows.append(compare(run, full, lengths, with_classes, **kw))
             images[(policy, budget)] = [r.image for r in run.results]
+            if fid_fn is not None:
+                features[(policy, budget)] = fid_fn.features(images[(policy, budget)])
             bar.update(1)
     bar.close()
     reference = cfg.reference if cfg.reference in others else None
     full_rec["delta_psnr"] = full_rec["delta_ssim"] = None  # full is what the metrics are measured against
     if reference is not None:
         add_paired_deltas(rows, reference, cfg.confidence)
+        if fid_fn is not None and cfg.fid_bootstrap > 0:
+            add_fid_deltas(rows, features, fid_fn.reference_features, reference, cfg.fid_bootstrap, cfg.confidence,
+                           seed=cfg.seed)
     else:
         for r in rows:
             r["delta_psnr"] = r["delta_ssim"] = None
@@ -291,6 +332,10 @@ def run_fidelity(model: LoadedModel, cfg: FidelityConfig, progress: bool = True)
             "fid": FID_CONVENTION if with_fid else None,
             "delta": "per-seed difference policy - reference at the same budget and seed; mean and Student "
                      "t-interval (ddof=1, n-1 degrees of freedom)",
+            "delta_fid": (f"FID(policy) - FID(reference) on all seeds; interval: percentiles of the same "
+                          f"difference over {cfg.fid_bootstrap} paired bootstrap resamples of the seeds "
+                          "(full-cache, policy and reference images resampled together)")
+            if with_fid and reference is not None and cfg.fid_bootstrap > 0 else None,
         },
         "fid_features": fid_features,
         "torchmetrics": _torchmetrics_version(),
@@ -356,8 +401,14 @@ def format_table(report: dict) -> str:
     notes.append("# KV/full: mean peak KV bytes of a request / full's; cap x: requests a fixed pool admits, "
                  "vs full; tok%: tokens equal to full's")
     head = (f"{'policy':<10} {'budget':>6} {'PSNR':>7} {'dPSNR [CI]':>23} {'SSIM':>6} {'dSSIM [CI]':>26}")
+    with_dfid = with_fid and any(r.get("delta_fid") for r in report["results"])
+    if with_dfid:
+        notes.append(f"# dFID: FID - {ref}'s at the same budget, [{100 * conf:g}% interval of a paired bootstrap "
+                     "over seeds]")
     if with_fid:
         head += f" {'FID':>8}"
+    if with_dfid:
+        head += f" {'dFID [CI]':>23}"
     if with_cls:
         head += f" {'acc':>5}"
     head += f" {'KV/full':>8} {'tok%':>6} {'cap x':>6}"
@@ -370,6 +421,9 @@ def format_table(report: dict) -> str:
         if with_fid:
             fid = 0.0 if abs(r["fid"]) < 5e-4 else r["fid"]  # float noise around 0 (full vs itself)
             line += f" {fid:>8.3f}"
+        if with_dfid:
+            df = "ref" if is_ref else _fmt_delta(r.get("delta_fid"), 3)
+            line += f" {df:>23}"
         if with_cls:
             line += f" {r['class_accuracy']:>5.2f}"
         line += f" {r['kv_ratio']:>8.3f} {100 * r['token_agreement_all']:>6.1f} {r['capacity_ratio']:>6.2f}"

@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--confidence", type=float, default=0.95, help="level of the paired t-intervals")
     f.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True,
                    help="FID on the shape classifier's penultimate features (not Inception; no downloads)")
+    f.add_argument("--fid-bootstrap", type=int, default=1000, metavar="B",
+                   help="paired bootstrap resamples of the seeds for the FID-difference interval vs --reference "
+                        "(0: no interval)")
     f.add_argument("--seed", type=int, default=0, help="seed S of the first request")
     f.add_argument("--plot", default=None, help="folder for the grid PNGs and the budget sweep plot")
     f.add_argument("--report", default=None, help="write the full report (JSON) to this file")
@@ -150,7 +153,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     cfg = FidelityConfig(policies=args.policies, budgets=args.budgets, num=args.num, seed=args.seed,
                          engine=ecfg,
                          reference=None if args.reference == "none" else args.reference, confidence=args.confidence,
-                         fid=args.fid)
+                         fid=args.fid, fid_bootstrap=args.fid_bootstrap)
     report, images = run_fidelity(model, cfg, progress=sys.stderr.isatty() and not args.json)
     write_outputs(report, images, cfg, args.report, args.plot)
     print(json.dumps(report, default=str) if args.json else format_table(report))

@@ -50,6 +50,9 @@ def test_config_defaults_and_validation():
         FidelityConfig(reference="full")
     with pytest.raises(ValueError):
         FidelityConfig(confidence=1.0)
+    assert cfg.fid_bootstrap == 1000
+    with pytest.raises(ValueError, match="fid_bootstrap"):
+        FidelityConfig(fid_bootstrap=-1)
     assert FidelityConfig(reference=None).reference is None
     # every engine knob reaches every run; only policy and budget change per run
     knobs = EngineConfig(dtype="float32", peak_limit=0.12, drafter_mode="fixed", score_queries="all", block_size=8)
@@ -122,6 +125,46 @@ def test_fid_on_classifier_features(shapes, monkeypatch):
         fid(shapes[:1])
 
 
+def test_frechet_distance_is_torchmetrics_fid(shapes):
+    """The bootstrap's FID formula gives torchmetrics' value on the same images' features."""
+    from benchmarks.fid import ClassifierFeatures, FeatureFID, frechet_distance
+
+    fid = FeatureFID(shapes, ClassifierFeatures())
+    rng = np.random.default_rng(1)
+    noisy = np.clip(shapes.astype(float) + rng.normal(0, 16, shapes.shape), 0, 255).astype(np.uint8)
+    ref, feats = fid.reference_features, fid.features(noisy)
+    assert ref.shape == feats.shape == (48, 160) and ref.dtype == np.float64
+    assert frechet_distance(ref, feats) == pytest.approx(fid(noisy), rel=1e-4, abs=1e-6)
+    assert frechet_distance(ref, ref) == pytest.approx(0, abs=1e-4)  # rank-deficient: float noise
+    with pytest.raises(ValueError):
+        frechet_distance(ref[:1], feats[:1])
+
+
+def test_paired_fid_bootstrap_known_answers():
+    """Synthetic features: a set equal to the reference policy's differs by exactly 0 on every
+    resample; a set shifted far from the full-cache features is worse on every resample; the draw
+    is seeded."""
+    from benchmarks.fid import bootstrap_indices, fid_bootstrap, frechet_distance, paired_fid_delta
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(60, 4))
+    near = full + rng.normal(scale=0.05, size=full.shape)
+    far = full + rng.normal(scale=0.05, size=full.shape) + 2.0  # mean shift 2 in every dimension: FID ~ 16
+    idx = bootstrap_indices(60, 200, seed=3)
+    assert idx.shape == (200, 60) and np.array_equal(idx, bootstrap_indices(60, 200, seed=3))
+    b_near, b_far = fid_bootstrap(full, near, idx), fid_bootstrap(full, far, idx)
+    same = paired_fid_delta(0.0, b_near, b_near)
+    assert same["mean"] == same["low"] == same["high"] == 0.0 and same["resamples"] == 200
+    point = frechet_distance(full, near) - frechet_distance(full, far)
+    d = paired_fid_delta(point, b_near, b_far, confidence=0.9)
+    assert d["high"] < 0 and d["low"] <= d["mean"] <= d["high"]
+    assert d["mean"] == pytest.approx(-16, abs=1.5)
+    with pytest.raises(ValueError):
+        fid_bootstrap(full, near[:10], idx)
+    with pytest.raises(ValueError):
+        paired_fid_delta(0.0, b_near[:1], b_far[:1])
+
+
 # --------------------------------------------------------------------------- harness
 def test_paired_deltas_and_outputs(micro_model, profile_path, tmp_path):
     cfg = _micro_cfg(profile_path)
@@ -168,15 +211,26 @@ def test_fid_and_classes_wired_in(micro_model, profile_path, monkeypatch):
 
     monkeypatch.setattr(fidelity, "CLASSIFIER_MODELS", ("var-micro",))
     report, _ = run_fidelity(micro_model, _micro_cfg(profile_path, policies=["full", "scalekv", "h2o"],
-                                                     budgets=[0.2], num=4), progress=False)
+                                                     budgets=[0.2], num=4, fid_bootstrap=30), progress=False)
     assert report["fid_features"] == 160
     assert abs(report["full"]["fid"]) < 1e-3
+    by = {r["policy"]: r for r in report["results"]}
     for r in report["results"]:
         assert math.isfinite(r["fid"]) and r["fid"] > -1e-3
         assert 0 <= r["class_accuracy"] <= 1 and len(r["class_correct_per_seed"]) == 4
         assert "delta_class_accuracy" in r
+        d = r["delta_fid"]
+        assert d["resamples"] == 30 and d["mean"] == pytest.approx(r["fid"] - by["scalekv"]["fid"])
+        assert d["low"] <= d["high"]
+    ref = by["scalekv"]["delta_fid"]
+    assert ref["mean"] == ref["low"] == ref["high"] == 0.0  # against itself, on every resample
+    assert "30 paired bootstrap" in report["conventions"]["delta_fid"]
     table = format_table(report)
     assert "FID" in table and "NOT Inception" in table and "rank-deficient" in table and " acc" in table
+    assert "dFID [CI]" in table
+    off, _ = run_fidelity(micro_model, _micro_cfg(profile_path, policies=["full", "scalekv", "h2o"],
+                                                  budgets=[0.2], num=4, fid_bootstrap=0), progress=False)
+    assert "delta_fid" not in off["results"][0] and "dFID" not in format_table(off)
 
 
 def test_classifier_models_are_the_shapes_models():
