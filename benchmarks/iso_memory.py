@@ -19,7 +19,11 @@ comparison is against the most the same memory can hold.
 
     python -m benchmarks.iso_memory docs/models/var-deep/card/fidelity_policies_phase4.json \\
         docs/models/var-deep/card/fidelity_iso_memory_phase4.json \\
-        docs/models/var-deep/card/fidelity_pagefill_phase4.json --against h2o,snapkv
+        docs/models/var-deep/card/fidelity_pagefill_phase4.json --against h2o,snapkv --plot out/frontier.png
+
+``--plot`` draws the memory-fidelity frontier of every policy in the reports: mean PSNR vs full
+(with its t-interval) against the measured peak KV per request, one line per policy, so a policy
+that is above another at the same x is the better use of the same pool.
 """
 
 from __future__ import annotations
@@ -70,6 +74,41 @@ def matched(rows: list[dict], policy: str = "scalekv", against: tuple[str, ...] 
     return out
 
 
+def frontier(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per policy, its rows as ``{kv, budget, psnr, low, high}`` points sorted by measured peak KV."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        ci = r.get("psnr_ci") or {}
+        out.setdefault(r["policy"], []).append({"kv": r["kv_ratio"], "budget": r["kv_budget"], "psnr": r["psnr"],
+                                                "low": ci.get("low"), "high": ci.get("high")})
+    return {p: sorted(pts, key=lambda q: q["kv"]) for p, pts in sorted(out.items())}
+
+
+def plot_frontier(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """PSNR vs full against peak KV per request (fraction of full), one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, pts in frontier(rows).items():
+        xs, ys = [q["kv"] for q in pts], [q["psnr"] for q in pts]
+        err = None
+        if all(q["low"] is not None for q in pts):
+            err = [[y - q["low"] for y, q in zip(ys, pts)], [q["high"] - y for y, q in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2, lw=1.2, label=policy)
+    ax.set_xlabel("peak KV per request (fraction of full, scratch included)")
+    ax.set_ylabel("PSNR vs full cache (dB)")
+    ax.set_title(title or "memory-fidelity frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def table(points: list[dict]) -> str:
     lines = ["| baseline | its budget | its KV/full | its PSNR | policy budget | policy KV/full | policy PSNR | "
              "gain dB [95% CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
@@ -86,9 +125,15 @@ def table(points: list[dict]) -> str:
 def main() -> None:
     ap = report_parser(__doc__, "the policy matched to each baseline")
     ap.add_argument("--json", help="also write the matched rows here")
+    ap.add_argument("--plot", help="also draw every policy's PSNR against its peak KV (a PNG) here")
     args = ap.parse_args()
     against = tuple(p for p in args.against.split(",") if p)
-    rows = merge_rows([json.loads(Path(p).read_text()) for p in args.reports])
+    reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    rows = merge_rows(reports)
+    if args.plot:
+        r0 = reports[0]
+        plot_frontier(rows, args.plot, f"{r0['model']}: PSNR vs memory, {r0['num']} seeds")
+        print(f"plot: {args.plot}")
     points = matched(rows, args.policy, against)
     if not points:
         raise SystemExit(f"no report holds one of {', '.join(against)}")
