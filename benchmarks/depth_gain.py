@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.fidelity_plots import save_figure
 from benchmarks.stats import paired_delta
 
 PAPER_BASELINES = ("sliding", "streaming", "h2o", "snapkv", "pyramidkv")
@@ -70,10 +71,7 @@ def plot(points: list[dict], path: str | Path) -> None:
     ax.set_title(f"{policy} vs the best baseline, by depth (paired per seed, 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(points: list[dict]) -> str:

@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- plots
 def plot_grid(images: dict, budget: float, policies: list[str], path: str | Path, max_cols: int = 8) -> None:
     """Rows: full, then each policy at ``budget``; columns: the same requests (same seeds)."""
@@ -25,10 +35,7 @@ def plot_grid(images: dict, budget: float, policies: list[str], path: str | Path
             if j == 0:
                 ax.set_ylabel(key[0] if key[0] == "full" else f"{key[0]}\n{key[1]:g}", fontsize=8)
     fig.suptitle(f"full cache vs policies at kv_budget {budget:g} (same seeds per column)", fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_sweep(report: dict, path: str | Path) -> None:
@@ -51,9 +58,6 @@ def plot_sweep(report: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report['model']}: fidelity to the full cache, {report['num']} images")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 

@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 from benchmarks.depth_gain import PAPER_BASELINES, report_parser
+from benchmarks.fidelity_plots import save_figure
 from benchmarks.stats import paired_delta
 
 
@@ -103,10 +104,7 @@ def plot_frontier(rows: list[dict], path: str | Path, title: str = "") -> None:
     ax.set_title(title or "memory-fidelity frontier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(points: list[dict]) -> str:
