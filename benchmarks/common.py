@@ -22,7 +22,13 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+    from engine.precision import cpu_has_fast_bf16
+
+    # which dtype `auto` picks depends on it: the same command measures bf16 on one box, fp32 on another
+    bf16 = ("native bf16 (CPU dtype auto = bfloat16)" if cpu_has_fast_bf16()
+            else "no native bf16 (CPU dtype auto = float32)")
+    return (f"{cpu}, {os.cpu_count()} CPUs, {bf16}, torch {torch.__version__}, {torch.get_num_threads()} "
+            f"threads{gpu}")
 
 
 def today() -> str:

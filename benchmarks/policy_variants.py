@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from engine.api import EngineConfig, ImageEngine
+from engine.config import DTYPES
 from engine.models.registry import LoadedModel, build_model
 
 from .common import machine, today
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", default="scalekv")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute and K/V dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
     p.add_argument("--json", default=None)
     p.add_argument("--checkpoint", default=None,
                    help="transformer weights (default: the model's shipped weights; var-deep has none yet)")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown variants {unknown} (available: {', '.join(VARIANTS)})")
     report = run_variants(build_model(a.model, a.checkpoint, a.tokenizer), labels, a.budget, a.num, a.seed,
-                          a.baseline, EngineConfig(dtype="float32", block_size=a.block_size,
+                          a.baseline, EngineConfig(dtype=a.dtype, block_size=a.block_size,
                                                    profile_path=a.profile_path))
     print(f"\n{report['model']}, kv_budget {a.budget}, {a.num} seeds from {a.seed}, {report['machine']}, "
           f"{report['date']}")
