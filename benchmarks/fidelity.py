@@ -417,7 +417,7 @@ def format_table(report: dict) -> str:
         is_ref = ref is not None and r["policy"] == ref
         dp = "ref" if is_ref else _fmt_delta(r.get("delta_psnr"), 2)
         ds = "ref" if is_ref else _fmt_delta(r.get("delta_ssim"), 4)
-        line = f"{r['policy']:<10} {r['kv_budget']:>6.2f} {r['psnr']:>7.2f} {dp:>23} {r['ssim']:>6.3f} {ds:>26}"
+        line = f"{r['policy']:<10} {r['kv_budget']:>6g} {r['psnr']:>7.2f} {dp:>23} {r['ssim']:>6.3f} {ds:>26}"
         if with_fid:
             fid = 0.0 if abs(r["fid"]) < 5e-4 else r["fid"]  # float noise around 0 (full vs itself)
             line += f" {fid:>8.3f}"
