@@ -400,7 +400,7 @@ def format_table(report: dict) -> str:
         notes.append(note)
     notes.append("# KV/full: mean peak KV bytes of a request / full's; cap x: requests a fixed pool admits, "
                  "vs full; tok%: tokens equal to full's")
-    head = (f"{'policy':<10} {'budget':>6} {'PSNR':>7} {'dPSNR [CI]':>23} {'SSIM':>6} {'dSSIM [CI]':>26}")
+    head = (f"{'policy':<12} {'budget':>6} {'PSNR':>7} {'dPSNR [CI]':>23} {'SSIM':>6} {'dSSIM [CI]':>26}")
     with_dfid = with_fid and any(r.get("delta_fid") for r in report["results"])
     if with_dfid:
         notes.append(f"# dFID: FID - {ref}'s at the same budget, [{100 * conf:g}% interval of a paired bootstrap "
@@ -417,7 +417,7 @@ def format_table(report: dict) -> str:
         is_ref = ref is not None and r["policy"] == ref
         dp = "ref" if is_ref else _fmt_delta(r.get("delta_psnr"), 2)
         ds = "ref" if is_ref else _fmt_delta(r.get("delta_ssim"), 4)
-        line = f"{r['policy']:<10} {r['kv_budget']:>6g} {r['psnr']:>7.2f} {dp:>23} {r['ssim']:>6.3f} {ds:>26}"
+        line = f"{r['policy']:<12} {r['kv_budget']:>6g} {r['psnr']:>7.2f} {dp:>23} {r['ssim']:>6.3f} {ds:>26}"
         if with_fid:
             fid = 0.0 if abs(r["fid"]) < 5e-4 else r["fid"]  # float noise around 0 (full vs itself)
             line += f" {fid:>8.3f}"
