@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from engine.precision import cpu_has_fast_bf16
+
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -22,8 +24,6 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    from engine.precision import cpu_has_fast_bf16
-
     # which dtype `auto` picks depends on it: the same command measures bf16 on one box, fp32 on another
     bf16 = ("native bf16 (CPU dtype auto = bfloat16)" if cpu_has_fast_bf16()
             else "no native bf16 (CPU dtype auto = float32)")

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ClassifierFeatures", "FeatureFID", "feature_fid", "fid_bootstrap", "frechet_distance",
-           "paired_fid_delta", "to_uint8_nchw"]
+__all__ = ["ClassifierFeatures", "FeatureFID", "bootstrap_indices", "feature_fid", "fid_bootstrap",
+           "frechet_distance", "paired_fid_delta", "to_uint8_nchw"]
 
 
 class ClassifierFeatures(nn.Module):

@@ -78,13 +78,11 @@ def matched(rows: list[dict], policy: str = "scalekv", against: tuple[str, ...] 
 
 
 def frontier(rows: list[dict]) -> dict[str, list[dict]]:
-    """Per policy, its rows as ``{kv, budget, psnr, low, high}`` points sorted by measured peak KV (then
-    budget: a uniform policy holds the same pages at several budgets)."""
+    """Per policy, its rows as ``{kv, budget, psnr}`` points sorted by measured peak KV (then budget:
+    a uniform policy holds the same pages at several budgets)."""
     out: dict[str, list[dict]] = {}
     for r in rows:
-        ci = r.get("psnr_ci") or {}
-        out.setdefault(r["policy"], []).append({"kv": r["kv_ratio"], "budget": r["kv_budget"], "psnr": r["psnr"],
-                                                "low": ci.get("low"), "high": ci.get("high")})
+        out.setdefault(r["policy"], []).append({"kv": r["kv_ratio"], "budget": r["kv_budget"], "psnr": r["psnr"]})
     return {p: sorted(pts, key=lambda q: (q["kv"], q["budget"])) for p, pts in sorted(out.items())}
 
 
